@@ -47,25 +47,45 @@ def to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
-def decode(data: bytes, min_size: int | None = None) -> Image.Image:
-  """Decodes image bytes to an RGB PIL image; raises DecodeError with the reason.
+def open_image(data: bytes) -> Image.Image:
+  """Opens image bytes lazily: format, mode and size are read from the header, pixels are not.
 
-  With ``min_size``, a JPEG much larger than needed is decoded at a reduced DCT scale (PIL's draft
-  mode) whose shorter side stays >= ``min_size``: the same picture for the crop, far fewer pixels.
+  Converters use this to judge an image (tiny, extreme aspect, CMYK, ...) before paying for the
+  decode; :func:`load` then decodes it. Raises DecodeError with the reason.
   """
   if not data:
     raise DecodeError("zero-byte image")
   try:
-    img = Image.open(io.BytesIO(data))
+    return Image.open(io.BytesIO(data))
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
+    raise DecodeError(f"{type(e).__name__}: {e}") from None
+
+
+def load(img: Image.Image, min_size: int | None = None) -> Image.Image:
+  """Decodes the pixels of an image from :func:`open_image`, keeping its own mode.
+
+  With ``min_size``, a JPEG much larger than needed is decoded at a reduced DCT scale (PIL's draft
+  mode) whose shorter side stays >= ``min_size``: the same picture for the crop, far fewer pixels.
+  A truncated or damaged file raises DecodeError, also at a reduced scale.
+  """
+  try:
     if min_size and img.format == "JPEG":
       w, h = img.size
       scale = min(w, h) / min_size
       if scale >= 2:
         img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
     img.load()
-  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
+  except Exception as e:
     raise DecodeError(f"{type(e).__name__}: {e}") from None
-  return to_rgb(img)
+  return img
+
+
+def decode(data: bytes, min_size: int | None = None) -> Image.Image:
+  """Decodes image bytes to an RGB PIL image; raises DecodeError with the reason.
+
+  ``min_size`` as in :func:`load`.
+  """
+  return to_rgb(load(open_image(data), min_size))
 
 
 def crop_params(width: int, height: int, rng: np.random.Generator,
