@@ -150,8 +150,8 @@ def class_prompts(classnames: list[str], templates: list[str]) -> list[list[str]
   return [[t.replace("{}", name) for t in templates] for name in classnames]
 
 
-def sugarcrepe_texts(folder: str) -> list[str]:
-  rows = read_sugarcrepe(folder)
+def sugarcrepe_texts(folder: str, subsets: Iterable[str] = SUGARCREPE_SUBSETS) -> list[str]:
+  rows = read_sugarcrepe(folder, subsets)
   return unique(t for subset in rows.values() for _, pos, neg in subset for t in (pos, neg))
 
 

@@ -25,7 +25,8 @@ Each record is one msgpack map with string keys.
 * Embedding record: ``key`` (str), ``embedding`` (raw little-endian bytes), ``dtype``
   (``float16`` | ``bfloat16`` | ``float32`` | ``int8``), ``scale`` (float, int8 only: the vector is
   ``int8 * scale``) and ``flag`` (``""`` for a good vector, otherwise why the vector is a
-  placeholder: ``"empty"``, ``"nan"``, ``"undecodable"``). Flagged vectors are never trained on.
+  placeholder: ``"empty"``, ``"nan"``, ``"undecodable"``, ``"missing"`` (no caption field)).
+  Flagged vectors are never trained on.
 """
 
 from __future__ import annotations
@@ -95,9 +96,12 @@ def pack(record: dict[str, Any]) -> bytes:
   return msgpack.packb(record, use_bin_type=True)
 
 
-def unpack(data: bytes, where: str = "record") -> dict[str, Any]:
+def unpack(data: bytes, where: str = "record", unicode_errors: str = "strict") -> dict[str, Any]:
+  """Decodes one record. ``unicode_errors="surrogateescape"`` lets a reader that must survive
+  strings holding invalid UTF-8 (e.g. a caption from a foreign writer) get the record and judge
+  the field itself, instead of losing the whole record."""
   try:
-    record = msgpack.unpackb(data, raw=False)
+    record = msgpack.unpackb(data, raw=False, unicode_errors=unicode_errors)
   except Exception as e:  # msgpack raises several unrelated types
     raise RecordError(f"{where}: not a msgpack record ({type(e).__name__}: {e})") from None
   if not isinstance(record, dict) or "key" not in record:
@@ -186,8 +190,9 @@ def read_raw(path: str, indices: Sequence[int] | None = None) -> list[bytes]:
     reader.close()
 
 
-def iter_records(path: str, chunk: int = 1024) -> Iterator[dict[str, Any]]:
-  """Yields every record of a shard as a dict, in order."""
+def iter_records(path: str, chunk: int = 1024, unicode_errors: str = "strict"
+                 ) -> Iterator[dict[str, Any]]:
+  """Yields every record of a shard as a dict, in order (``unicode_errors`` as in :func:`unpack`)."""
   reader = _reader(path)
   try:
     n = reader.num_records()
@@ -197,7 +202,7 @@ def iter_records(path: str, chunk: int = 1024) -> Iterator[dict[str, Any]]:
       except Exception as e:
         raise RecordError(f"{path}: damaged shard near record {start} ({e})") from None
       for offset, data in enumerate(raw):
-        yield unpack(data, f"{path} record {start + offset}")
+        yield unpack(data, f"{path} record {start + offset}", unicode_errors)
   finally:
     reader.close()
 
