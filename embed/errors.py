@@ -1,0 +1,8 @@
+"""The one exception type of the embedding job: a problem the user can fix, named precisely.
+
+The command line prints these as a one-line error instead of a stack trace.
+"""
+
+
+class EmbedError(RuntimeError):
+  """Bad configuration or input; the message names the file, shard, record or key."""

@@ -1,0 +1,505 @@
+"""The embedding job: divide the shards among ranks, skip finished ones, embed the rest.
+
+Two modes, by which input the config names:
+
+* ``images``: the captions of every ``images-i-of-n`` shard become ``embeddings-i-of-n`` (same keys,
+  same order, one record per image record, flagged placeholders included);
+* ``texts``: the distinct texts of a file become a text bank, ``bank-i-of-n`` shards keyed by text.
+
+Each shard is embedded by one rank (shard i by rank i mod world size), written under a temporary
+name and renamed, then its manifest entry is written beside it (see :mod:`embed.writer`). A
+re-run skips every shard whose file matches its entry (count and SHA-256) and redoes the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from embed import encoders as enc_lib
+from embed import inputs, writer
+from embed.batching import PaddingStats, plan_batches
+from embed.config import ENCODERS, POLICIES
+from embed.errors import EmbedError
+from lift_jax.data import records
+
+FLOAT16_MAX = 65504.0
+
+
+@dataclasses.dataclass
+class Task:
+  """One output shard: the image shard it mirrors, or the texts it holds."""
+  index: int
+  file: str
+  source: str | None = None  # image shard path (images mode)
+  items: list[inputs.Item] | None = None  # bank texts (texts mode)
+
+  def read_items(self, caption_field: str) -> list[inputs.Item]:
+    return self.items if self.items is not None else inputs.shard_items(self.source, caption_field)
+
+  def size(self) -> int:
+    return len(self.items) if self.items is not None else records.count_records(self.source)
+
+
+@dataclasses.dataclass
+class ShardResult:
+  vectors: np.ndarray  # float32 [n, dim], zeros where flagged
+  flags: list[str]
+  truncated: int
+  stats: PaddingStats
+
+
+def log(message: str) -> None:
+  print(f"[embed] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks and configuration
+# --------------------------------------------------------------------------------------------
+
+
+def rank_info(env: dict[str, str] | None = None) -> tuple[int, int, int]:
+  """(rank, world size, local rank) from torchrun's or SLURM's variables; (0, 1, 0) alone."""
+  env = dict(os.environ if env is None else env)
+  if "RANK" in env or "WORLD_SIZE" in env:
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+  elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+  else:
+    return 0, 1, 0
+  defaults = ("0", "1", "0")
+  try:
+    rank, world, local = (int(env.get(n, d)) for n, d in zip(names, defaults))
+  except ValueError:
+    raise EmbedError(f"{'/'.join(names)} must be integers: "
+                     f"{[env.get(n) for n in names]}") from None
+  if world < 1 or not 0 <= rank < world or local < 0:
+    raise EmbedError(f"{names[0]}={rank}, {names[1]}={world}, {names[2]}={local} is not a valid rank")
+  return rank, world, local
+
+
+def check_config(cfg) -> str:
+  """The mode ("images" or "texts") of a valid config; a clear error otherwise."""
+  if bool(cfg.images) == bool(cfg.texts):
+    raise EmbedError("set exactly one of config.images (a folder of image shards) and "
+                     "config.texts (a file of texts for a text bank)")
+  if not cfg.output:
+    raise EmbedError("config.output is empty: name the folder to write to")
+  if cfg.images:
+    if not os.path.isdir(cfg.images):
+      raise EmbedError(f"config.images={cfg.images} is not a folder")
+    if os.path.abspath(cfg.images) == os.path.abspath(cfg.output):
+      raise EmbedError("config.output must differ from config.images (both hold a manifest.json)")
+  if cfg.encoder and cfg.encoder not in ENCODERS:
+    raise EmbedError(f"config.encoder={cfg.encoder!r}; expected one of {ENCODERS}")
+  if cfg.storage_dtype not in records.STORAGE_DTYPES:
+    raise EmbedError(f"config.storage_dtype={cfg.storage_dtype!r}; "
+                     f"expected one of {records.STORAGE_DTYPES}")
+  for name in ("empty_policy", "nan_policy"):
+    if cfg[name] not in POLICIES:
+      raise EmbedError(f"config.{name}={cfg[name]!r}; expected one of {POLICIES}")
+  for name in ("max_length", "batch_tokens", "max_batch_size", "bank_shard_size"):
+    if cfg[name] < 1:
+      raise EmbedError(f"config.{name}={cfg[name]} must be at least 1")
+  if cfg.batch_overhead_tokens < 0:
+    raise EmbedError(f"config.batch_overhead_tokens={cfg.batch_overhead_tokens} is negative")
+  return "images" if cfg.images else "texts"
+
+
+def plan_tasks(cfg, mode: str) -> tuple[list[Task], dict[str, Any]]:
+  """Every output shard of the job, and what the manifest says about the input."""
+  if mode == "images":
+    sources = records.list_shards(cfg.images, records.IMAGES)
+    n = len(sources)
+    tasks = [Task(i, records.shard_name(records.EMBEDDINGS, i, n), source=p)
+             for i, p in enumerate(sources)]
+    return tasks, {"images": os.path.abspath(cfg.images)}
+  texts = inputs.read_texts_file(cfg.texts)
+  items = inputs.bank_items(texts)
+  if not items:
+    raise EmbedError(f"texts file {cfg.texts} holds no texts")
+  size = cfg.bank_shard_size
+  n = math.ceil(len(items) / size)
+  tasks = [Task(i, records.shard_name(records.BANK, i, n), items=items[i * size:(i + 1) * size])
+           for i in range(n)]
+  context = {"texts": os.path.abspath(cfg.texts), "num_texts": len(items),
+             "duplicates_dropped": len(texts) - len(items)}
+  return tasks, context
+
+
+def keys_digest(keys: Sequence[str]) -> str:
+  return hashlib.sha256(json.dumps(list(keys), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def settings_of(cfg, mode: str, tasks: list[Task], ref: enc_lib.ModelRef, kind: str, dtype: str
+                ) -> dict[str, Any]:
+  """What decides the vectors: a re-run into the same folder must agree on all of it."""
+  settings = {
+      "kind": "embeddings" if mode == "images" else "text_bank",
+      "model": ref.name,
+      "revision": cfg.revision or (enc_lib.snapshot_revision(ref.source) if ref.is_local else None),
+      "encoder": kind,
+      "pooling": enc_lib.POOLING[kind],
+      "instruction": cfg.instruction,
+      "max_length": cfg.max_length,
+      "append_eos": cfg.append_eos,
+      "normalized": cfg.normalize,
+      "storage_dtype": cfg.storage_dtype,
+      "dtype": dtype,
+      "num_shards": len(tasks),
+  }
+  if mode == "images":
+    settings["caption_field"] = cfg.caption_field
+  else:
+    settings["texts_sha256"] = keys_digest([it.key for t in tasks for it in t.items])
+  return settings
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding one shard
+# --------------------------------------------------------------------------------------------
+
+
+def embed_items(encoder: enc_lib.Encoder, items: list[inputs.Item], cfg, where: str,
+                progress=None) -> ShardResult:
+  """Vectors for ``items`` in their order, batched by tokens in length order."""
+  flags = [it.flag for it in items]
+  if cfg.empty_policy == "fail":
+    for i, it in enumerate(items):
+      if it.flag:
+        raise EmbedError(f"{where} record {i} (key {it.key!r}): {it.flag} caption "
+                         "(config.empty_policy='fail'; 'flag' writes a flagged placeholder)")
+  live = [i for i, f in enumerate(flags) if not f]
+  vectors = np.zeros((len(items), encoder.dim), np.float32)
+  stats = PaddingStats()
+  if progress is not None:
+    progress.update(len(items) - len(live))
+  prepared = encoder.prepare([items[i].text for i in live])
+  for batch in plan_batches(prepared.lengths, cfg.batch_tokens, cfg.max_batch_size,
+                           cfg.batch_overhead_tokens):
+    out = run_batch(encoder, [prepared.inputs[j] for j in batch], where,
+                    max(prepared.lengths[j] for j in batch), cfg.batch_tokens)
+    vectors[[live[j] for j in batch]] = out
+    lengths = [prepared.lengths[j] for j in batch]
+    stats.add_batch(lengths)
+    if progress is not None:
+      progress.add(len(batch), sum(lengths), len(batch) * max(lengths))
+  flag_non_finite(vectors, flags, items, cfg, where)
+  if cfg.normalize:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = vectors / np.maximum(norms, 1e-12)
+  return ShardResult(vectors, flags, sum(prepared.truncated), stats)
+
+
+def run_batch(encoder: enc_lib.Encoder, batch_inputs: list, where: str, width: int,
+              batch_tokens: int) -> np.ndarray:
+  import torch
+
+  try:
+    out = encoder.encode(batch_inputs)
+  except torch.OutOfMemoryError:
+    raise EmbedError(f"{where}: out of memory on a batch of {len(batch_inputs)} texts x {width} "
+                     f"tokens; lower config.batch_tokens (now {batch_tokens})") from None
+  if out.shape != (len(batch_inputs), encoder.dim):
+    raise EmbedError(f"{where}: the encoder returned shape {out.shape} for {len(batch_inputs)} "
+                     f"texts; expected ({len(batch_inputs)}, {encoder.dim})")
+  return out
+
+
+def flag_non_finite(vectors: np.ndarray, flags: list[str], items: list[inputs.Item], cfg,
+                    where: str) -> None:
+  """NaN/Inf outputs, and outputs float16 storage would turn into Inf, become placeholders."""
+  bad = ~np.isfinite(vectors).all(axis=1)
+  if cfg.storage_dtype == "float16" and not cfg.normalize:
+    bad |= (np.abs(np.nan_to_num(vectors)) > FLOAT16_MAX).any(axis=1)
+  for i in np.flatnonzero(bad):
+    if cfg.nan_policy == "fail":
+      raise EmbedError(f"{where} record {i} (key {items[i].key!r}): the encoder output holds "
+                       "NaN/Inf or overflows float16 (config.nan_policy='fail')")
+    flags[i] = "nan"
+    vectors[i] = 0.0
+
+
+def write_output(path: str, items: list[inputs.Item], result: ShardResult, storage_dtype: str
+                 ) -> dict[str, Any]:
+  """Writes the shard atomically; returns its manifest entry (file, count, SHA-256, counters)."""
+  writer.remove_stale_temporaries(path)
+  entry = records.write_shard(path, (
+      records.embedding_record(it.key, result.vectors[i], storage_dtype, result.flags[i])
+      for i, it in enumerate(items)))
+  keys = [it.key for it in items]
+  entry.update({
+      "dim": int(result.vectors.shape[1]),
+      "keys_sha256": keys_digest(keys),
+      "first_key": keys[0] if keys else None,
+      "last_key": keys[-1] if keys else None,
+      "truncated": result.truncated,
+      "tokens": result.stats.tokens,
+      "padded_tokens": result.stats.padded,
+  })
+  for flag in ("empty", "undecodable", "missing", "nan"):
+    entry[flag] = result.flags.count(flag)
+  entry["failed"] = sum(1 for f in result.flags if f)
+  return entry
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+
+def check_stray_shards(output: str, prefix: str, num_shards: int) -> None:
+  """Shards of another shard count in the folder mean another input was embedded there."""
+  import glob
+
+  for path in sorted(glob.glob(os.path.join(glob.escape(output), f"{prefix}-*-of-*.array_record"))):
+    name = os.path.basename(path)
+    if not name.endswith(f"-of-{num_shards:05d}.array_record"):
+      raise EmbedError(f"{path} belongs to a set of a different size than the {num_shards} shards "
+                       "of this input; use a new output folder")
+
+
+def check_source(output: str, task: Task, entry: dict[str, Any]) -> str | None:
+  """Raises if a finished embedding shard no longer matches its image shard; for a bank shard,
+  returns why it must be redone (its texts changed) or None."""
+  if task.items is not None:
+    if entry.get("keys_sha256") != keys_digest([it.key for it in task.items]):
+      return "its texts differ from the texts file"
+    return None
+  n = records.count_records(task.source)
+  shard = os.path.join(output, task.file)
+  if n != entry["count"]:
+    raise EmbedError(f"{shard} holds {entry['count']} records but its image shard {task.source} "
+                     f"holds {n}: the image shards changed after the embeddings were written; "
+                     "use a new output folder, or delete the embedding shard to redo it")
+  if n and "first_key" in entry:
+    first, last = (records.unpack(d, task.source, "surrogateescape")["key"]
+                   for d in records.read_raw(task.source, [0, n - 1]))
+    for index, have, want in ((0, entry["first_key"], first), (n - 1, entry["last_key"], last)):
+      if have != want:
+        raise EmbedError(f"{shard} record {index} has key {have!r} but its image shard "
+                         f"{task.source} has {want!r}; use a new output folder, or delete the "
+                         "embedding shard to redo it")
+  return None
+
+
+def split_done(output: str, tasks: list[Task]) -> tuple[list[Task], list[Task]]:
+  """(finished, to do) among ``tasks``, checked against their entries and their inputs."""
+  known = writer.manifest_entries(output)
+  known.update(writer.read_entries(output))
+  done, todo = [], []
+  for task in tasks:
+    entry = known.get(task.file)
+    why = writer.finished(output, entry)
+    if why is None:
+      why = check_source(output, task, entry)
+    if why is None:
+      if not os.path.exists(writer.entry_path(output, task.file)):
+        writer.write_entry(output, entry)
+      done.append(task)
+      continue
+    if entry is not None:
+      log(f"redoing {task.file}: {why}")
+    todo.append(task)
+  return done, todo
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+
+
+class Progress:
+  """tqdm bar over texts: texts/s and ETA from tqdm, tokens/s and padding waste beside them."""
+
+  def __init__(self, total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    self.bar = tqdm(total=total, desc=desc, unit="cap", unit_scale=True, disable=not enabled,
+                    mininterval=0.5 if interactive else 30.0, dynamic_ncols=True)
+    self.start = time.perf_counter()
+    self.tokens = 0
+    self.padded = 0
+
+  def update(self, n: int) -> None:
+    self.bar.update(n)
+
+  def add(self, n: int, tokens: int, padded: int) -> None:
+    """``n`` texts embedded in a batch of ``padded`` tokens, ``tokens`` of them real."""
+    self.tokens += tokens
+    self.padded += padded
+    seconds = max(time.perf_counter() - self.start, 1e-9)
+    waste = 1 - self.tokens / self.padded if self.padded else 0.0
+    self.bar.set_postfix_str(f"{self.tokens / seconds:,.0f} tok/s, pad {waste:.1%}", refresh=False)
+    self.bar.update(n)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+
+
+def run(cfg) -> dict[str, Any]:
+  """Runs the job this rank's share of; returns this rank's summary."""
+  mode = check_config(cfg)
+  rank, world, local_rank = rank_info()
+  tasks, context = plan_tasks(cfg, mode)
+  prefix = records.EMBEDDINGS if mode == "images" else records.BANK
+  kind_name = "embeddings" if mode == "images" else "text_bank"
+  mine = tasks[rank::world]
+  if cfg.verify:
+    return verify(cfg, tasks, mine, kind_name, rank)
+
+  import torch
+
+  if cfg.threads:
+    torch.set_num_threads(cfg.threads)
+  device = enc_lib.resolve_device(cfg.device, local_rank)
+  dtype = enc_lib.resolve_dtype(cfg.dtype, device)
+  ref = enc_lib.resolve_model(cfg.model)
+  kind = cfg.encoder or ref.default_encoder
+  if not kind:
+    raise EmbedError(f"config.encoder is empty and {cfg.model} has no known encoder; "
+                     f"set one of {ENCODERS}")
+  settings = settings_of(cfg, mode, tasks, ref, kind, dtype)
+
+  os.makedirs(cfg.output, exist_ok=True)
+  check_stray_shards(cfg.output, prefix, len(tasks))
+  writer.ensure_settings(cfg.output, settings, context)
+  done, todo = split_done(cfg.output, mine)
+  where = f"rank {rank}/{world}" if world > 1 else "embed"
+  log(f"{where}: {len(mine)} of {len(tasks)} shards are this rank's; {len(done)} already done, "
+      f"{len(todo)} to do on {device}")
+
+  summary = {"rank": rank, "world_size": world, "device": str(device), "written": 0,
+             "skipped": len(done), "texts": 0, "seconds": 0.0}
+  counters = {k: 0 for k in writer.COUNTERS}
+  stats = PaddingStats()
+  encoder = None
+  progress = Progress(sum(t.size() for t in todo), where, cfg.progress and bool(todo))
+  try:
+    for task in todo:
+      start = time.perf_counter()
+      items = task.read_items(cfg.caption_field)
+      if encoder is None:
+        encoder = enc_lib.build_encoder(kind, ref, cfg.revision, dtype, device, cfg.instruction,
+                                        cfg.max_length, cfg.append_eos, cfg.padding_side,
+                                        cfg.trust_remote_code)
+      shard_where = task.source or os.path.join(cfg.output, task.file)
+      result = embed_items(encoder, items, cfg, shard_where, progress)
+      entry = write_output(os.path.join(cfg.output, task.file), items, result, cfg.storage_dtype)
+      entry["seconds"] = round(time.perf_counter() - start, 3)
+      entry["rank"] = rank
+      entry["device"] = str(device)
+      entry["model_revision"] = encoder.revision
+      if task.source:
+        entry["image_shard"] = os.path.basename(task.source)
+      writer.write_entry(cfg.output, entry)
+      writer.assemble_manifest(cfg.output, len(tasks), kind_name)
+      summary["written"] += 1
+      summary["texts"] += entry["count"]
+      summary["seconds"] += entry["seconds"]
+      stats.tokens += result.stats.tokens
+      stats.padded += result.stats.padded
+      for k in counters:
+        counters[k] += entry[k]
+  finally:
+    progress.close()
+  manifest = writer.assemble_manifest(cfg.output, len(tasks), kind_name)
+  summary.update(counters)
+  summary.update({
+      "tokens": stats.tokens, "padded_tokens": stats.padded, "padding_waste": stats.waste,
+      "captions_per_second": summary["texts"] / summary["seconds"] if summary["seconds"] else None,
+      "tokens_per_second": stats.tokens / summary["seconds"] if summary["seconds"] else None,
+      "manifest_complete": manifest["complete"], "manifest_shards": len(manifest["shards"]),
+      "num_shards": len(tasks),
+  })
+  print_summary(summary, cfg.output)
+  return summary
+
+
+def print_summary(s: dict[str, Any], output: str) -> None:
+  who = f"rank {s['rank']}/{s['world_size']}" if s["world_size"] > 1 else "embed"
+  lines = [f"{who}: {s['written']} shards written, {s['skipped']} already done, on {s['device']}"]
+  if s["written"]:
+    lines.append(
+        f"  {s['texts']} texts in {s['seconds']:.1f} s: {s['captions_per_second']:.1f} captions/s, "
+        f"{s['tokens_per_second']:.0f} tokens/s, padding waste {s['padding_waste']:.1%}")
+    lines.append(
+        f"  truncated {s['truncated']}, placeholders {s['failed']} (empty {s['empty']}, "
+        f"undecodable {s['undecodable']}, missing {s['missing']}, nan {s['nan']})")
+  lines.append(f"  manifest {os.path.join(output, records.MANIFEST)}: {s['manifest_shards']} of "
+               f"{s['num_shards']} shards" + (" (complete)" if s["manifest_complete"] else
+                                              " (other ranks still running, or re-run to finish)"))
+  print("\n".join(lines), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# verify=True
+# --------------------------------------------------------------------------------------------
+
+
+def verify(cfg, tasks: list[Task], mine: list[Task], kind: str, rank: int) -> dict[str, Any]:
+  """Checks finished output; raises an EmbedError listing every problem found."""
+  output = cfg.output
+  manifest = records.read_manifest(output)
+  problems = []
+  if manifest.get("kind") != kind:
+    problems.append(f"manifest kind is {manifest.get('kind')!r}, expected {kind!r}")
+  if manifest.get("num_shards") != len(tasks):
+    problems.append(f"manifest counts {manifest.get('num_shards')} shards; the input has "
+                    f"{len(tasks)}")
+  entries = {e["file"]: e for e in manifest["shards"]}
+  for task in mine:
+    problem = verify_shard(output, task, entries.get(task.file), manifest, cfg.caption_field)
+    if problem:
+      problems.append(f"{task.file}: {problem}")
+  log(f"verify rank {rank}: {len(mine)} shards checked, {len(problems)} problems")
+  if problems:
+    raise EmbedError(f"verify found {len(problems)} problems in {output}:\n  "
+                     + "\n  ".join(problems) + "\nre-run without verify to redo damaged shards")
+  print(f"verify: {len(mine)} shards of {output} match the manifest and their inputs", flush=True)
+  return {"verified": len(mine), "problems": 0}
+
+
+def verify_shard(output: str, task: Task, entry: dict[str, Any] | None, manifest: dict[str, Any],
+                 caption_field: str) -> str | None:
+  if entry is None:
+    return "not in the manifest"
+  why = records.verify_shard(output, entry)
+  if why:
+    return why
+  path = os.path.join(output, task.file)
+  if task.items is not None:
+    want = [it.key for it in task.items]
+  else:
+    want = records.read_keys(task.source)
+  dim, dtype = manifest.get("dim"), manifest.get("storage_dtype")
+  count = 0
+  for index, record in enumerate(records.iter_records(path)):
+    count += 1
+    if index >= len(want):
+      break
+    if record["key"] != want[index]:
+      source = task.source or "the texts file"
+      return f"record {index} has key {record['key']!r}; {source} has {want[index]!r}"
+    if record.get("dtype") != dtype:
+      return f"record {index} is stored as {record.get('dtype')!r}; the manifest says {dtype!r}"
+    if dim and records.decode_embedding(record).shape != (dim,):
+      return f"record {index} has {records.decode_embedding(record).shape[0]} values, not {dim}"
+  if count != len(want):
+    source = task.source or "the texts file"
+    return f"holds {count} records; {source} has {len(want)}"
+  return None

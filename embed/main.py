@@ -1,0 +1,48 @@
+"""Command line of the offline embedding job (PyTorch + transformers; never JAX).
+
+Captions of a folder of image shards -> embedding shards aligned 1:1, plus manifest.json:
+
+  python -m embed.main --config=embed/configs/nvembed_v2.py \
+      --config.images=DIR --config.output=DIR [--config.caption_field=recaption]
+
+Texts (one per line, or a JSON list) -> a text bank keyed by the exact text, for evaluation:
+
+  python -m embed.banks --imagenet=../shared/data/imagenet --out=texts.json
+  python -m embed.main --config=embed/configs/nvembed_v2.py --config.texts=texts.json \
+      --config.output=DIR
+
+Many processes: `torchrun --nproc_per_node=8 -m embed.main ...` or `srun python -m embed.main ...`
+(RANK / WORLD_SIZE / LOCAL_RANK, or SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID); each rank takes
+every WORLD_SIZE-th shard on its own GPU. Re-running the same command resumes; `--config.verify=True`
+checks finished output. The fields are documented in embed/config.py.
+"""
+
+import sys
+
+from absl import app
+from ml_collections import config_flags
+
+from embed import job
+from embed.errors import EmbedError
+from lift_jax.data.records import RecordError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "a config file from embed/configs/, e.g. embed/configs/nvembed_v2.py",
+    lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=embed/configs/<model>.py is required")
+  try:
+    job.run(_CONFIG.value)
+  except (EmbedError, RecordError) as e:
+    print(f"embed: error: {e}", file=sys.stderr, flush=True)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
