@@ -168,3 +168,19 @@ def prompt_texts(classnames_file: str, templates_file: str) -> list[str]:
 def unique(texts: Iterable[str]) -> list[str]:
   """Distinct texts in first-seen order."""
   return list(dict.fromkeys(texts))
+
+
+def required_texts(evals_config) -> list[str]:
+  """Every text the benchmarks of ``config.evals`` (or of a whole config) score, each once.
+
+  A LIFT text bank built from this list serves all of them: write it to a file (one text per
+  line, or ``python -m eval.main --config=CONFIG --write_texts=FILE``) and embed it with
+  ``python -m embed.main --config=embed/configs/<encoder>.py --config.texts=FILE
+  --config.output=DIR``.
+  """
+  from eval import benchmarks  # imports no JAX either
+
+  if "benchmarks" not in evals_config and "evals" in evals_config:
+    evals_config = evals_config["evals"]
+  specs = benchmarks.parse_all(evals_config.get("benchmarks"))
+  return unique(t for spec in specs for t in spec.texts())
