@@ -376,8 +376,8 @@ def run(cfg) -> dict[str, Any]:
   settings = settings_of(cfg, mode, tasks, ref, kind, dtype)
 
   os.makedirs(cfg.output, exist_ok=True)
-  check_stray_shards(cfg.output, prefix, len(tasks))
   writer.ensure_settings(cfg.output, settings, context)
+  check_stray_shards(cfg.output, prefix, len(tasks))
   done, todo = split_done(cfg.output, mine)
   where = f"rank {rank}/{world}" if world > 1 else "embed"
   log(f"{where}: {len(mine)} of {len(tasks)} shards are this rank's; {len(done)} already done, "
@@ -391,12 +391,12 @@ def run(cfg) -> dict[str, Any]:
   progress = Progress(sum(t.size() for t in todo), where, cfg.progress and bool(todo))
   try:
     for task in todo:
-      start = time.perf_counter()
-      items = task.read_items(cfg.caption_field)
-      if encoder is None:
+      if encoder is None:  # only ranks with work load the model
         encoder = enc_lib.build_encoder(kind, ref, cfg.revision, dtype, device, cfg.instruction,
                                         cfg.max_length, cfg.append_eos, cfg.padding_side,
                                         cfg.trust_remote_code)
+      start = time.perf_counter()
+      items = task.read_items(cfg.caption_field)
       shard_where = task.source or os.path.join(cfg.output, task.file)
       result = embed_items(encoder, items, cfg, shard_where, progress)
       entry = write_output(os.path.join(cfg.output, task.file), items, result, cfg.storage_dtype)

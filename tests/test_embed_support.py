@@ -40,7 +40,7 @@ def write_image_shards(folder: str, shards: list[list], prefix: str = "img") -> 
     for j, cap in enumerate(caps):
       if isinstance(cap, dict):
         recs.append(records.pack({"key": f"{prefix}{i}_{j}", "image": b"\xff\xd8jpeg", **cap}))
-      elif isinstance(cap, bytes) and cap.startswith(b"\x82"):  # a record packed by hand
+      elif isinstance(cap, bytes):  # a record packed by hand
         recs.append(cap)
       else:
         recs.append(records.image_record(f"{prefix}{i}_{j}", b"\xff\xd8jpeg", cap))
