@@ -1,6 +1,7 @@
 """Builds image shards (``images-XXXXX-of-YYYYY.array_record`` + ``manifest.json``) from raw pairs.
 
-    python -m lift_jax.data.convert --output=DIR --tars='shards/*.tar' [--extra_captions=recap.parquet]
+    python -m lift_jax.data.convert --output=DIR --tars='shards/*.tar' \
+        [--extra_captions=recap.parquet]
     python -m lift_jax.data.convert --output=DIR --images=IMAGES_DIR --captions=captions.tsv
 
 Sources
@@ -41,7 +42,8 @@ Skipped (no record written): ``zero_byte``, ``unreadable_image`` (undecodable or
 ``too_small`` (shorter side < ``--min_image_size``), ``extreme_aspect`` (longer/shorter side >
 ``--max_aspect_ratio``), ``missing_caption`` (absent or blank), ``undecodable_caption`` (not
 UTF-8), ``bad_json``, ``missing_image`` (a caption or sidecar without an image),
-``duplicate_key`` (every occurrence of a key after the first), ``missing_extra_caption``.
+``duplicate_key`` (every occurrence of a key after the first: a later tar, or ``a.png`` beside
+``a.jpg`` in a folder, where the first in sorted order is kept), ``missing_extra_caption``.
 Converted to RGB and re-encoded as JPEG (kept): ``cmyk``, ``16bit``, ``palette``, ``alpha``
 (composited on white), ``grayscale``, ``other_mode``, ``format`` (RGB but not JPEG/PNG/WebP).
 Dropped captions of kept images (folder sources): ``empty``, ``undecodable``.
@@ -127,7 +129,8 @@ class Report:
     return {t[len(prefix):]: n for t, n in sorted(self.counts.items()) if t.startswith(prefix)}
 
   def summary(self) -> str:
-    lines = []
+    lines = [f"  written: {self.counts['written']}" +
+             (f" ({self.counts['resized']} pre-resized)" if self.counts["resized"] else "")]
     for name in ("skipped", "converted", "captions_dropped", "notes"):
       part = self.section(name)
       if part:
@@ -135,7 +138,9 @@ class Report:
         for reason, n in part.items():
           ex = ", ".join(self.examples.get(f"{name}/{reason}", [])[:3])
           lines.append(f"    {reason:<22} {n:>9}   e.g. {ex}")
-    return "\n".join(lines) if lines else "  no bad input"
+    if len(lines) == 1:
+      lines.append("  no bad input")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +194,7 @@ def build_shards(folder: str, shards: Sequence[Sequence[Any]], fn: Callable[[Any
                  identity: dict[str, Any], info: dict[str, Any] | None = None,
                  base_report: Report | None = None, workers: int = 1, chunksize: int = 16,
                  progress: bool = True, overwrite: bool = False, desc: str = "images",
+                 unit: str = "images",
                  mismatch_hint: str = "use --overwrite or another output folder",
                  log: Callable[[str], None] = print) -> dict[str, Any]:
   """Writes ``images-i-of-n`` shards of ``fn(item)`` records into ``folder``, resumably.
@@ -280,8 +286,8 @@ def build_shards(folder: str, shards: Sequence[Sequence[Any]], fn: Callable[[Any
   seconds = time.perf_counter() - start
   final = records.read_manifest(folder)
   final_report = Report(final["report"])
-  log(f"{folder}: wrote {len(pending)} of {n} shards, {todo} inputs in {seconds:.1f} s "
-      f"({todo / max(seconds, 1e-9):.0f} inputs/s); {final['total']} records in all\n"
+  log(f"{folder}: wrote {len(pending)} of {n} shards, {todo} {unit} in {seconds:.1f} s "
+      f"({todo / max(seconds, 1e-9):.0f} {unit}/s); {final['total']} records in all\n"
       f"{final_report.summary()}")
   return final
 
@@ -591,7 +597,8 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
     try:
       tf = tarfile.open(tar_path, "r:")  # "r:" refuses compressed tars: members are read by offset
     except tarfile.ReadError as e:
-      raise ConvertError(f"{tar_path}: not an uncompressed tar ({e}); decompress it first") from None
+      raise ConvertError(
+          f"{tar_path}: not an uncompressed tar ({e}); decompress it first") from None
     with tf:
       groups: dict[str, dict[str, tarfile.TarInfo]] = {}
       for m in tf:
@@ -652,7 +659,10 @@ def convert(output: str, *, tars: Sequence[str] = (), images: str | None = None,
             captions: str | None = None, extra_captions: Sequence[str] = (),
             options: Options = Options(), workers: int | None = None, progress: bool = True,
             overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Converts webdataset ``tars`` or an ``images`` folder + ``captions`` file; returns the manifest."""
+  """Converts webdataset ``tars``, or an ``images`` folder with a ``captions`` file.
+
+  Returns the manifest; see the module docstring for the options and the report.
+  """
   if bool(tars) == bool(images):
     raise ConvertError("give either tars or an image folder (with a captions file), not both")
   listing_start = time.perf_counter()

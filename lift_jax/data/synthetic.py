@@ -639,7 +639,7 @@ def generate(output_dir: str, num_train: int = 100_000, num_eval: int = 500,
         info={"source": {"type": "synthetic"}, "fields": ["key", "image", "caption", "label",
                                                           "objects", "relation"]},
         workers=workers if workers is not None else (os.cpu_count() or 1), chunksize=256,
-        progress=progress, desc="synthetic", log=log.info,
+        progress=progress, desc="synthetic", unit="pairs", log=log.info,
         mismatch_hint=f"use another output folder or delete {output_dir}")
   except convert.ConvertError as e:
     raise SyntheticSetError(str(e)) from None
