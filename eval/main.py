@@ -1,0 +1,153 @@
+"""Evaluates a checkpoint on the benchmarks of a config; writes metrics JSON and prints a table.
+
+    python -m eval.main --checkpoint=PATH [--config=configs/x.py] [--output=FILE]
+    python -m eval.main --config=configs/x.py --workdir=DIR
+    python -m eval.main --config=configs/x.py --write_texts=FILE
+
+PATH is a workdir (its latest step), its ``checkpoints`` folder or one step folder. The model
+always comes from the checkpoint (its stored config); the benchmarks come from ``--config`` when
+given (``--config.evals.benchmarks.NAME.FIELD=VALUE`` overrides work), else from the config
+stored with the checkpoint. ``--only=a,b`` runs a subset. Metrics go to ``--output`` or
+``<workdir>/eval/metrics-<step>.json``: fractions in [0, 1], with the seconds each benchmark took
+and each benchmark's settings (protocol included).
+
+``--write_texts=FILE`` writes every text the configured benchmarks score, one per line, and
+exits: the input of ``python -m embed.main --config.texts=FILE`` that makes a LIFT text bank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file whose `evals` to run (default: the checkpoint's).",
+    lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints folder or step folder.")
+_OUTPUT = flags.DEFINE_string("output", None, "Metrics JSON path.")
+_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype override, e.g. float32.")
+_ONLY = flags.DEFINE_list("only", None, "Run only these benchmarks (names in the config).")
+_WRITE_TEXTS = flags.DEFINE_string("write_texts", None,
+                                   "Write the texts the benchmarks score to this file and exit.")
+
+
+def write_texts(config, path: str) -> int:
+  from eval.texts import required_texts
+
+  texts = required_texts(config.evals)
+  bad = [t for t in texts if "\n" in t or "\r" in t]
+  if bad:  # one text per line cannot hold them: write a JSON list, which embed.main also reads
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(texts, f, ensure_ascii=False)
+  else:
+    with open(path, "w", encoding="utf-8") as f:
+      f.writelines(t + "\n" for t in texts)
+  return len(texts)
+
+
+def format_value(key: str, value: float) -> str:
+  last = key.rsplit("/", 1)[-1]
+  if last.startswith(("num_", "skipped_")):
+    return f"{int(value)}"
+  return f"{100 * value:.2f}"
+
+
+def table(metrics: dict[str, float], seconds: dict[str, float]) -> str:
+  rows = [("benchmark/metric", "value (%)")]
+  rows += [(k, format_value(k, v)) for k, v in metrics.items()]
+  width = max(len(r[0]) for r in rows)
+  lines = [f"{k:<{width}}  {v:>9}" for k, v in rows]
+  lines.insert(1, "-" * (width + 11))
+  lines.append("")
+  lines.append("wall time per benchmark: " + ", ".join(f"{k} {v:.1f} s"
+                                                      for k, v in seconds.items()))
+  return "\n".join(lines)
+
+
+def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | None = None,
+             only: list[str] | None = None) -> dict:
+  """Runs the benchmarks on the checkpoint at ``path``; returns (and writes) the report."""
+  import jax
+  import ml_collections
+
+  from eval.benchmarks import BenchmarkConfigError
+  from eval.evaluators import EvalRunner
+  from lift_jax import checkpoint as ckpt
+  from lift_jax import sharding
+
+  directory, step = ckpt._resolve(path)  # the step load_model will read
+  model, stored = ckpt.load_model(path, dtype=dtype)
+  if config is None:
+    config = stored
+  else:
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.get("model") is not None and \
+        ckpt.config_to_dict(config.model) != ckpt.config_to_dict(stored.model):
+      logging.warning("--config's model differs from the checkpoint's; the checkpoint's is used")
+    config.model = stored.model
+  if not config.get("evals") or not config.evals.get("benchmarks"):
+    raise BenchmarkConfigError("the config has no evals.benchmarks to run (give --config=CONFIG)")
+  mesh = sharding.make_mesh()
+  t0 = time.perf_counter()
+  runner = EvalRunner(config, model, mesh, only=only)
+  setup = time.perf_counter() - t0
+  metrics = runner.run()
+  step_dir = os.path.join(directory, str(step))
+  report = {
+      "checkpoint": step_dir, "step": step, "mode": model.mode,
+      "metrics": metrics, "seconds": dict(runner.timings), "setup_seconds": setup,
+      "devices": f"{mesh.devices.size} x {jax.devices()[0].device_kind}",
+      "benchmarks": {s.name: dataclasses.asdict(s) for s in runner.specs},
+  }
+  if output is None:
+    workdir = os.path.dirname(directory) if os.path.basename(directory) == ckpt.CHECKPOINTS \
+        else directory
+    output = os.path.join(workdir, "eval", f"metrics-{step}.json")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=1)
+    print(f"checkpoint {step_dir} (step {step}, {model.mode})")
+    print(table(metrics, runner.timings))
+    print(f"metrics written to {output}")
+  report["output"] = output
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from eval.benchmarks import BenchmarkConfigError
+  from eval.evaluators import MissingImagesError
+  from eval.predictor import ImageLoadError, TextBankError
+  from lift_jax.checkpoint import CheckpointError
+
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  config = _CONFIG.value
+  try:
+    if _WRITE_TEXTS.value:
+      if config is None:
+        raise app.UsageError("--write_texts needs --config")
+      n = write_texts(config, _WRITE_TEXTS.value)
+      print(f"wrote {n} texts to {_WRITE_TEXTS.value}")
+      return
+    path = _CHECKPOINT.value or _WORKDIR.value
+    if not path:
+      raise app.UsageError("give --checkpoint=PATH or --workdir=DIR")
+    evaluate(path, config, output=_OUTPUT.value, dtype=_DTYPE.value, only=_ONLY.value)
+  except (CheckpointError, TextBankError, BenchmarkConfigError, MissingImagesError,
+          ImageLoadError) as e:
+    print(f"eval.main: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
