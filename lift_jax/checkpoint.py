@@ -104,6 +104,11 @@ def restore_params(path: str, abstract_params=None):
   directory, step = _resolve(path)
   mngr = manager(directory, with_data=False, read_only=True, async_save=False)
   try:
+    if abstract_params is None:  # as saved, onto this process's first device
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      meta = mngr.item_metadata(step)[PARAMS]
+      abstract_params = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
     try:
       restored = mngr.restore(
           step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract_params)}))

@@ -42,5 +42,6 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int):
                       weight_decay=optim["weight_decay"],
                       mask=lambda p: decay_mask(p, optim.get("wd_min_ndim", 2)))
   clip = optim.get("grad_clip_norm")
-  tx = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip else adamw
-  return tx, schedule
+  # Same state structure with or without clipping, so a resumed run may switch it.
+  clipping = optax.clip_by_global_norm(clip) if clip else optax.identity()
+  return optax.chain(clipping, adamw), schedule

@@ -1,0 +1,84 @@
+"""Entry point: ``python -m lift_jax.main --config=configs/vitb16_datacomp.py --workdir=DIR``.
+
+Flags, multi-process start-up, then :func:`lift_jax.train.train_and_evaluate`. Re-running the same
+command resumes from DIR.
+
+Multi-process runs: on TPU pods and under SLURM, ``jax.distributed.initialize()`` finds its peers
+by itself (``--distributed=auto`` turns it on when such an environment is detected); elsewhere pass
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the config go.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Call jax.distributed.initialize(): auto = when a multi-process environment "
+                  "(TPU pod, SLURM with several tasks, coordinator flags) is detected.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (explicit multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-process).")
+flags.DEFINE_integer("local_device_count", None,
+                     "CPU only: how many CPU devices this process exposes (testing).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multiprocess_environment() -> bool:
+  if FLAGS.coordinator_address:
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+
+
+def init_distributed() -> None:
+  import jax
+
+  if FLAGS.local_device_count:
+    jax.config.update("jax_num_cpu_devices", FLAGS.local_device_count)
+  wanted = FLAGS.distributed == "on" or (FLAGS.distributed == "auto"
+                                         and _multiprocess_environment())
+  if not wanted:
+    return
+  kwargs = {}
+  if FLAGS.coordinator_address:
+    kwargs = dict(coordinator_address=FLAGS.coordinator_address,
+                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  from lift_jax.metrics import quiet_libraries
+
+  quiet_libraries()
+  init_distributed()
+  import jax
+
+  from lift_jax import train
+
+  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.TrainingError as e:
+    logging.error("%s", e)
+    sys.exit(f"lift_jax.main: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
