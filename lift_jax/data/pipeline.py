@@ -267,9 +267,19 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> gra
                                              prefetch_buffer_size=max(2 * threads, 2)))
   workers = int(data.get("workers", 0))
   if workers > 0:
+    _absl_flags_parsed()
     ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                       per_worker_buffer_size=2))
   return ids
+
+
+def _absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside ``app.run`` (notebooks, tests) they would
+  raise UnparsedFlagAccessError, so take the defaults."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 class Batches:

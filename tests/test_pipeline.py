@@ -1,0 +1,124 @@
+"""The grain input pipeline: global sharded batches, per-process slices, exact resume with worker
+processes, per-epoch reshuffle, crops independent of the worker layout."""
+
+import jax
+import numpy as np
+import pytest
+
+import fakedata
+from lift_jax import sharding
+from lift_jax.data import pipeline, records
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  return fakedata.write_dataset(str(tmp_path_factory.mktemp("d")), n=40, shards=3, dim=16)
+
+
+def host_batches(config, n, process_index=0, process_count=1, state=None):
+  it = iter(pipeline.train_dataset(config, process_index, process_count))
+  if state is not None:
+    it.set_state(state)
+  out = [next(it) for _ in range(n)]
+  return out, it
+
+
+def test_global_batches_are_sharded_over_the_mesh(data):
+  c = fakedata.tiny_config(*data, batch=16)
+  mesh = sharding.make_mesh()
+  batches = pipeline.Batches(pipeline.train_dataset(c), sharding.batch_sharding(mesh))
+  batch, reasons = next(batches)
+  batches.close()
+  assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
+  assert batch["text"].shape == (16, 16) and batch["text"].dtype == np.float32
+  assert batch["valid"].dtype == bool and bool(np.all(batch["valid"]))
+  assert len(batch["image"].sharding.device_set) == 8
+  assert batch["image"].addressable_shards[0].data.shape == (2, 32, 32, 3)
+  assert reasons[0] == 16 and reasons[1:].sum() == 0
+
+
+def test_process_slices_make_up_the_global_batch(data):
+  c = fakedata.tiny_config(*data, batch=16)
+  whole, _ = host_batches(c, 4)
+  parts = [host_batches(c, 4, p, 2)[0] for p in range(2)]
+  for step in range(4):
+    for key in ("image", "text"):
+      joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+      np.testing.assert_array_equal(joined, whole[step][key])
+
+
+def test_resume_with_worker_processes_is_exact(data):
+  c = fakedata.tiny_config(*data, batch=8)
+  c.data.workers = 2
+  reference, it = host_batches(c, 9)
+  it.close()
+  first, it = host_batches(c, 4)
+  state = it.get_state()
+  it.close()
+  rest, it = host_batches(c, 5, state=state)
+  it.close()
+  for a, b in zip(first + rest, reference):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["text"], b["text"])
+  # ... and the worker count does not change what a batch holds.
+  c.data.workers = 0
+  plain, _ = host_batches(c, 9)
+  for a, b in zip(plain, reference):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_batches_state_counts_what_was_handed_out(data):
+  """The checkpointed state is that of consumed batches, not of the prefetch queue."""
+  import json
+
+  c = fakedata.tiny_config(*data, batch=8)
+  mesh = sharding.make_mesh()
+  b1 = pipeline.Batches(pipeline.train_dataset(c), sharding.batch_sharding(mesh), prefetch=3)
+  got = [np.asarray(next(b1)[0]["text"]) for _ in range(3)]
+  state = b1.get_state()
+  more = [np.asarray(next(b1)[0]["text"]) for _ in range(2)]
+  b1.close()
+  assert json.loads(state)["batches"] == 3
+  b2 = pipeline.Batches(pipeline.train_dataset(c), sharding.batch_sharding(mesh), prefetch=3)
+  b2.set_state(state)
+  again = [np.asarray(next(b2)[0]["text"]) for _ in range(2)]
+  b2.close()
+  for a, b in zip(more, again):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(got[0], again[0])
+
+
+def test_every_epoch_is_a_new_permutation(data):
+  c = fakedata.tiny_config(*data, batch=8)  # 40 examples = 5 batches per epoch
+  batches, _ = host_batches(c, 10)
+  epoch = lambda bs: np.concatenate([b["text"] for b in bs])
+  e1, e2 = epoch(batches[:5]), epoch(batches[5:])
+  key = lambda rows: sorted(map(tuple, rows.round(3)))
+  assert key(e1) == key(e2)  # each epoch sees every example once
+  assert len({tuple(r) for r in e1.round(3)}) == 40
+  assert not np.array_equal(e1, e2)  # in another order
+  expected = []
+  for path in records.list_shards(data[1], "embeddings"):
+    expected += [records.decode_embedding(r) for r in records.iter_records(path)]
+  assert key(np.stack(expected)) == key(e1)
+
+
+def test_crops_follow_spec_ranges(data):
+  """RandomResizedCrop(scale 0.9-1, ratio 3/4-4/3) as torchvision draws it."""
+  from lift_jax.data import transforms
+
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    top, left, h, w = transforms.crop_params(48, 40, rng)
+    assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 48
+    assert 0.9 * 48 * 40 * 0.97 <= h * w <= 48 * 40
+  # Impossible requests fall back to the central crop of the allowed aspect ratio.
+  assert transforms.crop_params(400, 10, rng) == (0, 193, 10, 13)
+
+
+def test_clip_batches_carry_token_ids(data, minilm_path):
+  c = fakedata.tiny_config(data[0], None, mode="clip", tokenizer=minilm_path)
+  (batch,), _ = host_batches(c, 1)
+  assert batch["text"].shape == (16, 16) and batch["text"].dtype == np.int32
+  assert np.all(batch["text"][:, 0] == 101)  # [CLS]
+  assert np.all((batch["text"] == 102).sum(axis=1) == 1)  # exactly one [SEP]: the pooling token
