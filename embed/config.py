@@ -30,12 +30,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.append_eos = False  # last_token/mean/cls: append the EOS id after truncation (e5-style models)
   c.padding_side = ""  # left | right; "" = the tokenizer's own
   c.trust_remote_code = False  # nv_embed always trusts the model's code
-  c.dtype = "auto"  # compute dtype: float32 | float16 | bfloat16; auto = float16 on GPU, else float32
+  c.dtype = "auto"  # compute: float32 | float16 | bfloat16; auto = float16 on GPU, else float32
   c.device = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
 
   # Output.
   c.storage_dtype = "float16"  # float16 | bfloat16 | float32 | int8 (per-vector scale)
-  c.bank_shard_size = 65536  # texts per bank shard (text-bank mode)
+  c.bank_shard_size = 16384  # texts per bank shard (text-bank mode; 256 MiB of float32 at 4096-d)
 
   # Speed.
   c.batch_tokens = 16384  # padded tokens per batch (batch size x longest text in the batch)
@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Bad input: "flag" writes a zero placeholder whose record `flag` says why (never trained on)
   # and counts it; "fail" stops with an error naming the shard and record.
-  c.empty_policy = "flag"  # empty or whitespace-only captions
+  c.empty_policy = "flag"  # empty, whitespace-only, undecodable or missing captions
   c.nan_policy = "flag"  # NaN/Inf in the encoder's output
 
   # verify=True checks the finished output (shards against the manifest, keys against the image

@@ -175,7 +175,8 @@ class PooledEncoder(Encoder):
 
   def prepare(self, texts: Sequence[str]) -> Prepared:
     full = [self.instruction + t for t in texts]
-    ids = self.tokenizer(full, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    ids = self.tokenizer(full, add_special_tokens=True, truncation=False,
+                         verbose=False)["input_ids"]
     truncated = [len(x) > self.limit for x in ids]
     long = [i for i, t in enumerate(truncated) if t]
     if long:
@@ -241,7 +242,8 @@ class NVEmbedEncoder(Encoder):
 
   def prepare(self, texts: Sequence[str]) -> Prepared:
     full = [self.instruction + t + self.eos for t in texts]
-    ids = self.tokenizer(full, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    ids = self.tokenizer(full, add_special_tokens=True, truncation=False,
+                         verbose=False)["input_ids"]
     lengths = [len(x) for x in ids]
     return Prepared(list(texts), [min(n, self.max_length) for n in lengths],
                     [n > self.max_length for n in lengths])

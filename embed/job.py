@@ -13,6 +13,7 @@ re-run skips every shard whose file matches its entry (count and SHA-256) and re
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -82,7 +83,8 @@ def rank_info(env: dict[str, str] | None = None) -> tuple[int, int, int]:
     raise EmbedError(f"{'/'.join(names)} must be integers: "
                      f"{[env.get(n) for n in names]}") from None
   if world < 1 or not 0 <= rank < world or local < 0:
-    raise EmbedError(f"{names[0]}={rank}, {names[1]}={world}, {names[2]}={local} is not a valid rank")
+    raise EmbedError(f"{names[0]}={rank}, {names[1]}={world}, {names[2]}={local} "
+                     "is not a valid rank")
   return rank, world, local
 
 
@@ -352,11 +354,10 @@ class Progress:
 
 
 def run(cfg) -> dict[str, Any]:
-  """Runs the job this rank's share of; returns this rank's summary."""
+  """Runs this rank's share of the job; returns this rank's summary."""
   mode = check_config(cfg)
   rank, world, local_rank = rank_info()
   tasks, context = plan_tasks(cfg, mode)
-  prefix = records.EMBEDDINGS if mode == "images" else records.BANK
   kind_name = "embeddings" if mode == "images" else "text_bank"
   mine = tasks[rank::world]
   if cfg.verify:
@@ -373,61 +374,105 @@ def run(cfg) -> dict[str, Any]:
   if not kind:
     raise EmbedError(f"config.encoder is empty and {cfg.model} has no known encoder; "
                      f"set one of {ENCODERS}")
-  settings = settings_of(cfg, mode, tasks, ref, kind, dtype)
 
   os.makedirs(cfg.output, exist_ok=True)
-  writer.ensure_settings(cfg.output, settings, context)
-  check_stray_shards(cfg.output, prefix, len(tasks))
+  writer.ensure_settings(cfg.output, settings_of(cfg, mode, tasks, ref, kind, dtype), context)
+  check_stray_shards(cfg.output, records.EMBEDDINGS if mode == "images" else records.BANK,
+                     len(tasks))
   done, todo = split_done(cfg.output, mine)
-  where = f"rank {rank}/{world}" if world > 1 else "embed"
-  log(f"{where}: {len(mine)} of {len(tasks)} shards are this rank's; {len(done)} already done, "
+  who = f"rank {rank}/{world}" if world > 1 else "embed"
+  log(f"{who}: {len(mine)} of {len(tasks)} shards are this rank's; {len(done)} already done, "
       f"{len(todo)} to do on {device}")
 
-  summary = {"rank": rank, "world_size": world, "device": str(device), "written": 0,
-             "skipped": len(done), "texts": 0, "seconds": 0.0}
-  counters = {k: 0 for k in writer.COUNTERS}
-  stats = PaddingStats()
-  encoder = None
-  progress = Progress(sum(t.size() for t in todo), where, cfg.progress and bool(todo))
+  def load_encoder():
+    return enc_lib.build_encoder(kind, ref, cfg.revision, dtype, device, cfg.instruction,
+                                 cfg.max_length, cfg.append_eos, cfg.padding_side,
+                                 cfg.trust_remote_code)
+
+  tally = RankTally(rank, world, str(device), skipped=len(done))
+  progress = Progress(sum(t.size() for t in todo), who, cfg.progress and bool(todo))
+  shards = embed_shards(todo, load_encoder, cfg, progress)
   try:
-    for task in todo:
-      if encoder is None:  # only ranks with work load the model
-        encoder = enc_lib.build_encoder(kind, ref, cfg.revision, dtype, device, cfg.instruction,
-                                        cfg.max_length, cfg.append_eos, cfg.padding_side,
-                                        cfg.trust_remote_code)
+    for entry, stats in shards:
+      entry.update(rank=rank, device=str(device))
+      writer.write_entry(cfg.output, entry)
+      writer.assemble_manifest(cfg.output, len(tasks), kind_name)
+      tally.add(entry, stats)
+  finally:
+    shards.close()  # stops the reader thread whatever went wrong
+    progress.close()
+  manifest = writer.assemble_manifest(cfg.output, len(tasks), kind_name)
+  summary = tally.summary(manifest)
+  print_summary(summary, cfg.output)
+  return summary
+
+
+def embed_shards(todo: list[Task], load_encoder, cfg, progress):
+  """Embeds and writes each shard; yields (manifest entry, padding stats) per finished shard.
+
+  The encoder is loaded on the first shard (a rank with nothing to do never loads it), and the
+  next shard's captions are read while one is embedded: image shards are large, and reading one
+  should not leave the GPU idle.
+  """
+  encoder = None
+  reader = concurrent.futures.ThreadPoolExecutor(1)
+  upcoming = [reader.submit(t.read_items, cfg.caption_field) for t in todo[:1]]
+  try:
+    for position, task in enumerate(todo):
+      encoder = encoder or load_encoder()
       start = time.perf_counter()
-      items = task.read_items(cfg.caption_field)
-      shard_where = task.source or os.path.join(cfg.output, task.file)
-      result = embed_items(encoder, items, cfg, shard_where, progress)
+      items = upcoming.pop(0).result()
+      upcoming += [reader.submit(t.read_items, cfg.caption_field)
+                   for t in todo[position + 1:position + 2]]
+      where = task.source or os.path.join(cfg.output, task.file)
+      result = embed_items(encoder, items, cfg, where, progress)
       entry = write_output(os.path.join(cfg.output, task.file), items, result, cfg.storage_dtype)
       entry["seconds"] = round(time.perf_counter() - start, 3)
-      entry["rank"] = rank
-      entry["device"] = str(device)
       entry["model_revision"] = encoder.revision
       if task.source:
         entry["image_shard"] = os.path.basename(task.source)
-      writer.write_entry(cfg.output, entry)
-      writer.assemble_manifest(cfg.output, len(tasks), kind_name)
-      summary["written"] += 1
-      summary["texts"] += entry["count"]
-      summary["seconds"] += entry["seconds"]
-      stats.tokens += result.stats.tokens
-      stats.padded += result.stats.padded
-      for k in counters:
-        counters[k] += entry[k]
+      yield entry, result.stats
   finally:
-    progress.close()
-  manifest = writer.assemble_manifest(cfg.output, len(tasks), kind_name)
-  summary.update(counters)
-  summary.update({
-      "tokens": stats.tokens, "padded_tokens": stats.padded, "padding_waste": stats.waste,
-      "captions_per_second": summary["texts"] / summary["seconds"] if summary["seconds"] else None,
-      "tokens_per_second": stats.tokens / summary["seconds"] if summary["seconds"] else None,
-      "manifest_complete": manifest["complete"], "manifest_shards": len(manifest["shards"]),
-      "num_shards": len(tasks),
-  })
-  print_summary(summary, cfg.output)
-  return summary
+    for pending in upcoming:
+      pending.cancel()
+    reader.shutdown(wait=True)
+
+
+@dataclasses.dataclass
+class RankTally:
+  """What this rank did in this run."""
+  rank: int
+  world_size: int
+  device: str
+  skipped: int
+  written: int = 0
+  texts: int = 0
+  seconds: float = 0.0
+  counters: dict[str, int] = dataclasses.field(
+      default_factory=lambda: {k: 0 for k in writer.COUNTERS})
+  stats: PaddingStats = dataclasses.field(default_factory=PaddingStats)
+
+  def add(self, entry: dict[str, Any], stats: PaddingStats) -> None:
+    self.written += 1
+    self.texts += entry["count"]
+    self.seconds += entry["seconds"]
+    self.stats.tokens += stats.tokens
+    self.stats.padded += stats.padded
+    for k in self.counters:
+      self.counters[k] += entry[k]
+
+  def summary(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    rate = (lambda n: n / self.seconds) if self.seconds else (lambda n: None)
+    return {
+        "rank": self.rank, "world_size": self.world_size, "device": self.device,
+        "written": self.written, "skipped": self.skipped, "texts": self.texts,
+        "seconds": self.seconds, **self.counters,
+        "tokens": self.stats.tokens, "padded_tokens": self.stats.padded,
+        "padding_waste": self.stats.waste,
+        "captions_per_second": rate(self.texts), "tokens_per_second": rate(self.stats.tokens),
+        "manifest_complete": manifest["complete"], "manifest_shards": len(manifest["shards"]),
+        "num_shards": manifest["num_shards"],
+    }
 
 
 def print_summary(s: dict[str, Any], output: str) -> None:

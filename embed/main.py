@@ -13,8 +13,8 @@ Texts (one per line, or a JSON list) -> a text bank keyed by the exact text, for
 
 Many processes: `torchrun --nproc_per_node=8 -m embed.main ...` or `srun python -m embed.main ...`
 (RANK / WORLD_SIZE / LOCAL_RANK, or SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID); each rank takes
-every WORLD_SIZE-th shard on its own GPU. Re-running the same command resumes; `--config.verify=True`
-checks finished output. The fields are documented in embed/config.py.
+every WORLD_SIZE-th shard on its own GPU. Re-running the same command resumes;
+`--config.verify=True` checks finished output. The fields are documented in embed/config.py.
 """
 
 import sys
@@ -38,7 +38,7 @@ def main(argv):
     raise app.UsageError("--config=embed/configs/<model>.py is required")
   try:
     job.run(_CONFIG.value)
-  except (EmbedError, RecordError) as e:
+  except (EmbedError, RecordError, OSError) as e:  # each names the file, shard or key
     print(f"embed: error: {e}", file=sys.stderr, flush=True)
     return 1
   return 0

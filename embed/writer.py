@@ -107,7 +107,8 @@ def write_entry(output: str, entry: dict[str, Any]) -> None:
 def read_entries(output: str) -> dict[str, dict[str, Any]]:
   """{shard file: entry} of every shard whose part exists."""
   entries: dict[str, dict[str, Any]] = {}
-  for path in sorted(glob.glob(os.path.join(glob.escape(parts_dir(output)), "*.array_record.json"))):
+  pattern = os.path.join(glob.escape(parts_dir(output)), "*.array_record.json")
+  for path in sorted(glob.glob(pattern)):
     entry = read_json(path)
     entries[entry["file"]] = entry
   return entries

@@ -16,7 +16,8 @@ from test_embed_support import minilm_config
 def datacomp_like_lengths(n, seed=0, median=13.0, sigma=0.5, max_length=77):
   """Token counts of web alt-text captions: log-normal around a dozen tokens, clipped."""
   rng = np.random.default_rng(seed)
-  return np.clip(np.rint(rng.lognormal(np.log(median), sigma, n)), 3, max_length).astype(int).tolist()
+  lengths = np.rint(rng.lognormal(np.log(median), sigma, n))
+  return np.clip(lengths, 3, max_length).astype(int).tolist()
 
 
 def check_partition(lengths, batches, batch_tokens, max_batch_size):

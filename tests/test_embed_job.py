@@ -179,7 +179,8 @@ def test_damaged_or_missing_shard_is_redone(images, clean_run, tmp_path, minilm_
   assert (summary["skipped"], summary["written"]) == (1, 2)
   assert os.stat(untouched).st_mtime_ns == before
   assert shard_bytes(out) == shard_bytes(clean_run[0])
-  assert job.run(minilm_config(minilm_path, images=images, output=out, verify=True))["problems"] == 0
+  verified = job.run(minilm_config(minilm_path, images=images, output=out, verify=True))
+  assert verified["problems"] == 0
 
 
 def test_manifest_rebuilt_from_parts_and_parts_from_manifest(images, clean_run, tmp_path,

@@ -192,7 +192,7 @@ def read_raw(path: str, indices: Sequence[int] | None = None) -> list[bytes]:
 
 def iter_records(path: str, chunk: int = 1024, unicode_errors: str = "strict"
                  ) -> Iterator[dict[str, Any]]:
-  """Yields every record of a shard as a dict, in order (``unicode_errors`` as in :func:`unpack`)."""
+  """Yields every record of a shard as a dict, in order (``unicode_errors``: see :func:`unpack`)."""
   reader = _reader(path)
   try:
     n = reader.num_records()
