@@ -84,28 +84,33 @@ def _shard_images(folder: str, keys: list[str]) -> Iterator[bytes]:
 
 
 class SugarCrepeEvaluator:
-  """Accuracy per subset: sim(image, caption) > sim(image, negative caption), strictly."""
+  """Accuracy per subset: sim(image, caption) > sim(image, negative caption), strictly.
+
+  ``<name>/mean`` is the unweighted mean of the subsets' accuracies.
+  """
 
   def __init__(self, spec: benchmarks.SugarCrepeSpec):
     self.spec, self.name = spec, spec.name
-    rows = spec.rows()
     if not spec.image_dir:
       raise benchmarks.BenchmarkConfigError(f"benchmark {spec.name!r}: image_dir is required")
-    filenames = T.unique(f for subset in rows.values() for f, _, _ in subset)
-    present, missing = _present(spec, [os.path.join(spec.image_dir, f) for f in filenames])
-    gone = {os.path.relpath(p, spec.image_dir) for p in missing}
+    rows = spec.rows()
+    paths = {f: os.path.join(spec.image_dir, f)
+             for f in T.unique(f for subset in rows.values() for f, _, _ in subset)}
+    _, missing = _present(spec, list(paths.values()))
+    missing = set(missing)
+    gone = {f for f, p in paths.items() if p in missing}
     self.rows = {s: [r for r in subset if r[0] not in gone] for s, subset in rows.items()}
-    self.skipped_images = len(missing)
+    self.skipped_images = len(gone)
     self.skipped_samples = sum(len(r) for r in rows.values()) - sum(
         len(r) for r in self.rows.values())
-    self.images = present
-    image_index = {os.path.relpath(p, spec.image_dir): i for i, p in enumerate(present)}
+    image_index = {f: i for i, f in enumerate(f for f in paths if f not in gone)}
+    self.images = [paths[f] for f in image_index]
     self._texts = T.unique(t for subset in self.rows.values() for _, p, n in subset for t in (p, n))
     text_index = {t: i for i, t in enumerate(self._texts)}
     self.indices = {
-        s: tuple(np.asarray([m[x] for x in col], np.int32) for m, col in (
-            (image_index, [r[0] for r in subset]), (text_index, [r[1] for r in subset]),
-            (text_index, [r[2] for r in subset])))
+        s: (np.asarray([image_index[f] for f, _, _ in subset], np.int32),
+            np.asarray([text_index[p] for _, p, _ in subset], np.int32),
+            np.asarray([text_index[n] for _, _, n in subset], np.int32))
         for s, subset in self.rows.items()}
 
   def texts(self) -> list[str]:

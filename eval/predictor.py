@@ -22,7 +22,6 @@ import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -174,28 +173,21 @@ class Predictor:
 
     graphdef, state = nnx.split(model)
     self._graphdef = graphdef
-    self._params = None
     self.set_params(nnx.to_pure_dict(state))
     self._image_fn = jax.jit(self._encode_images, out_shardings=self._replicated)
-    self._text_fn = None
-    self.text_bank = None
-    self.tokenizer = None
-    if self.mode == "lift":
-      if isinstance(text_bank, TextBank):
-        self.text_bank = text_bank
-      elif text_bank:
-        self._bank_folder = str(text_bank)
-      else:
-        self._bank_folder = None
-    else:
+    self._text_fn = self.tokenizer = None
+    # LIFT: the bank is read on first use (a folder) or given ready (a TextBank).
+    self.text_bank = text_bank if isinstance(text_bank, TextBank) else None
+    self._bank_folder = None if self.text_bank or not text_bank else str(text_bank)
+    if self.mode == "clip":
       self._text_fn = jax.jit(self._encode_texts, out_shardings=self._replicated)
+      self.context_length = int(context_length or model.text.context_length)
       if callable(tokenizer):
         self.tokenizer = tokenizer
       elif tokenizer:
         from lift_jax.models.text import get_tokenizer
 
-        length = int(context_length or model.text.context_length)
-        self.tokenizer = get_tokenizer(str(tokenizer), length)
+        self.tokenizer = get_tokenizer(str(tokenizer), self.context_length)
 
   # ------------------------------------------------------------------ parameters
 
@@ -237,13 +229,14 @@ class Predictor:
     """Runs ``fn(params, global batch)`` on each (process-local rows, valid rows) and stacks
     the valid rows; the next batch is dispatched before the previous result is fetched."""
     out, pending = [], None
-    for local, n_valid in local_batches:
-      result = fn(self._params, self._global(local))
+    with jax.set_mesh(self.mesh):
+      for local, n_valid in local_batches:
+        result = fn(self._params, self._global(local))
+        if pending is not None:
+          out.append(self._fetch(*pending))
+        pending = (result, n_valid)
       if pending is not None:
         out.append(self._fetch(*pending))
-      pending = (result, n_valid)
-    if pending is not None:
-      out.append(self._fetch(*pending))
     if not out:
       return np.zeros((0, self.embed_dim), np.float32)
     return np.concatenate(out)
@@ -334,11 +327,14 @@ class Predictor:
 
     def batches():
       for batch in _batches(texts, self.batch_size):
-        mine = np.asarray(self.tokenizer(batch[lo:hi]), np.int32)
-        if mine.shape[0] < hi - lo:
-          width = mine.shape[1] if mine.ndim == 2 else self.tokenizer.context_length
-          pad = np.zeros((hi - lo - mine.shape[0], width), np.int32)
-          mine = np.concatenate([mine.reshape(-1, width), pad])
-        yield mine, len(batch)
+        mine = batch[lo:hi]
+        tokens = np.zeros((hi - lo, self.context_length), np.int32)  # padding rows: id 0
+        if mine:
+          ids = np.asarray(self.tokenizer(mine), np.int32)
+          if ids.ndim != 2 or ids.shape[1] > self.context_length:
+            raise ValueError(f"the tokenizer gave ids of shape {ids.shape}; expected "
+                             f"({len(mine)}, <= {self.context_length})")
+          tokens[:len(mine), :ids.shape[1]] = ids
+        yield tokens, len(batch)
 
     return self._run(self._text_fn, batches())

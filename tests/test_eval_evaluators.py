@@ -72,7 +72,8 @@ def test_sugarcrepe_known_answer_and_skip_missing(tmp_path):
   ev = make_evaluator(benchmarks.parse("sc", dict(cfg, skip_missing=True)))
   fake = FakePredictor(images={"a.jpg": E[0], "b.jpg": E[2], "c.jpg": E[1]},
                        texts={"x": E[0], "y": E[1], "z": E[2], "w": E[3]})
-  # add_obj: a: x 1 > y 0 right; b: x 0 > z 1 wrong; c: w == w tie, wrong. swap_att: a: y 0 > x 1 wrong.
+  # add_obj: a: x 1 > y 0 right; b: x 0 > z 1 wrong; c: w == w tie, wrong.
+  # swap_att: a: y 0 > x 1 wrong (d.jpg skipped).
   assert ev.run(fake) == pytest.approx({
       "sc/add_obj": 1 / 3, "sc/swap_att": 0.0, "sc/mean": 1 / 6, "sc/num_samples": 4,
       "sc/skipped_images": 1, "sc/skipped_samples": 1})
@@ -177,3 +178,33 @@ print(json.dumps({{"per": per, "total": len(texts), "has": "It is a photo of a t
                         "coco": 4959, "coco_std": 24794, "flickr8k": 4998}
   assert got["has"] and got["total"] <= sum(got["per"].values())
   assert evaluators.EVALUATORS.keys() == benchmarks.SPECS.keys()
+
+
+def test_flickr30k_csv_test_split_and_coco_json_order(tmp_path):
+  touch_images(tmp_path / "img", ["1.jpg", "2.jpg", "3.jpg"])
+  csv_path = tmp_path / "flickr_annotations_30k.csv"
+  csv_path.write_text(
+      'raw,sentids,split,filename,img_id\n'
+      '"[""one a"", ""one b""]","[0, 1]",test,1.jpg,0\n'
+      '"[""two a"", ""two b""]","[2, 3]",train,2.jpg,1\n'
+      '"[""three a"", ""three b""]","[4, 5]",test,3.jpg,2\n')
+  ev = make_evaluator(benchmarks.parse("f30k", {
+      "type": "retrieval", "captions": str(csv_path), "image_dir": str(tmp_path / "img"),
+      "protocol": "lift"}))
+  assert [os.path.basename(p) for p in ev.images] == ["1.jpg", "3.jpg"]
+  assert ev._texts == ["one a", "three a"]
+  every = make_evaluator(benchmarks.parse("f30k", {
+      "type": "retrieval", "captions": str(csv_path), "image_dir": str(tmp_path / "img"),
+      "split": ""}))
+  assert len(every.images) == 3 and len(every.query_texts) == 6
+  coco = tmp_path / "captions.json"
+  coco.write_text(json.dumps({
+      "images": [{"id": 30, "file_name": "3.jpg"}, {"id": 10, "file_name": "1.jpg"}],
+      "annotations": [{"image_id": 30, "caption": "c3 first "}, {"image_id": 10, "caption": "c1"},
+                      {"image_id": 30, "caption": "c3 second"}]}))
+  ev = make_evaluator(benchmarks.parse("coco", {
+      "type": "retrieval", "captions": str(coco), "image_dir": str(tmp_path / "img"),
+      "protocol": "lift"}))
+  # sorted image id, first caption in annotation order (stripped)
+  assert [os.path.basename(p) for p in ev.images] == ["1.jpg", "3.jpg"]
+  assert ev._texts == ["c1", "c3 first"]

@@ -1,8 +1,6 @@
 """The Predictor: embeddings equal a direct forward pass, 8 devices equal 1, parameters swap without
 recompiling, odd image modes load, text banks and CLIP's text tower."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
