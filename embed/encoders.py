@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from embed.config import ENCODERS
 from embed.errors import EmbedError
 
 # Models whose hub id is recognised whatever its case, with the encoder they need.
@@ -40,7 +41,6 @@ KNOWN_MODELS = {
     "lmsys/vicuna-7b-v1.5": ("lmsys/vicuna-7b-v1.5", "last_token"),
     "sentence-transformers/all-minilm-l6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "mean"),
 }
-ENCODERS = ("nv_embed", "last_token", "mean", "cls")
 POOLING = {"nv_embed": "latent_attention", "last_token": "last_token", "mean": "mean", "cls": "cls"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -184,7 +184,8 @@ def embed_items(encoder: enc_lib.Encoder, items: list[inputs.Item], cfg, where: 
   stats = PaddingStats()
   if progress is not None:
     progress.update(len(items) - len(live))
-  prepared = encoder.prepare([items[i].text for i in live])
+  prepared = (encoder.prepare([items[i].text for i in live]) if live
+              else enc_lib.Prepared([], [], []))
   for batch in plan_batches(prepared.lengths, cfg.batch_tokens, cfg.max_batch_size,
                            cfg.batch_overhead_tokens):
     out = run_batch(encoder, [prepared.inputs[j] for j in batch], where,
@@ -332,6 +333,10 @@ class Progress:
     self.tokens = 0
     self.padded = 0
 
+  def restart_clock(self) -> None:
+    self.start = time.perf_counter()
+    self.bar.reset()
+
   def update(self, n: int) -> None:
     self.bar.update(n)
 
@@ -419,7 +424,9 @@ def embed_shards(todo: list[Task], load_encoder, cfg, progress):
   upcoming = [reader.submit(t.read_items, cfg.caption_field) for t in todo[:1]]
   try:
     for position, task in enumerate(todo):
-      encoder = encoder or load_encoder()
+      if encoder is None:
+        encoder = load_encoder()
+        progress.restart_clock()  # rates without the model's loading time
       start = time.perf_counter()
       items = upcoming.pop(0).result()
       upcoming += [reader.submit(t.read_items, cfg.caption_field)

@@ -100,6 +100,17 @@ def test_bad_captions_are_flagged_and_counted(tmp_path, minilm_path):
                           empty_policy="fail"))
 
 
+def test_empty_shard_and_shard_without_text(tmp_path, minilm_path):
+  images = str(tmp_path / "images")
+  write_image_shards(images, [[], ["", " "], ["A cat."]])
+  out = str(tmp_path / "out")
+  summary = job.run(minilm_config(minilm_path, images=images, output=out))
+  assert summary["written"] == 3 and summary["empty"] == 2
+  records.check_aligned(images, out, check_keys=True)
+  assert [e["count"] for e in records.read_manifest(out)["shards"]] == [0, 2, 1]
+  assert job.run(minilm_config(minilm_path, images=images, output=out))["skipped"] == 3
+
+
 def test_wrong_caption_field_is_a_clear_error(images, tmp_path, minilm_path):
   with pytest.raises(EmbedError, match=r"no record has the caption field 'recaption' "
                                        r"\(fields: caption, key\)"):
