@@ -32,7 +32,8 @@ from lift_jax.data import records, transforms
 
 BANK_HELP = (
     "Create the bank from the texts the benchmarks score: write them with "
-    "`python -m eval.main --config=CONFIG --write_texts=FILE` (or `python -m embed.banks ...`), "
+    "`python -m eval.main --config=CONFIG --write_texts=FILE` (or `python -m embed.banks "
+    "--out=FILE --imagenet=DIR --captions=FILE --sugarcrepe=DIR`), "
     "then embed them with the encoder of the training captions: `python -m embed.main "
     "--config=embed/configs/minilm.py --config.texts=FILE --config.output=DIR` "
     "(embed/configs/nvembed_v2.py for NV-Embed-v2), and set config.evals.text_bank=DIR.")

@@ -96,3 +96,29 @@ def test_eval_main_errors(workdir, tmp_path):
   assert proc.returncode == 1 and "eval.main: error:" in proc.stderr
   assert "no such checkpoint" in proc.stderr and "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "x.json")
+
+
+@pytest.mark.slow
+def test_bank_written_by_embed_main_serves_the_evaluators(tmp_path, minilm_path):
+  """The real chain: eval.main --write_texts -> embed.main (MiniLM, 384-d) -> EvalRunner."""
+  from lift_jax.models.two_tower import build_model
+
+  model_cfg = dict(lift_model_config(), embed_dim=384)
+  cfg = config(model_cfg, benchmarks(limit=30), text_bank=str(tmp_path / "bank"))
+  config_file = tmp_path / "cfg.py"
+  config_file.write_text(
+      "import json, ml_collections\n"
+      f"CONFIG = json.loads({json.dumps(json.dumps(cfg.to_dict()))})\n"
+      "def get_config():\n"
+      "  return ml_collections.ConfigDict(CONFIG)\n")
+  texts = tmp_path / "texts.txt"
+  assert run_main(f"--config={config_file}", f"--write_texts={texts}").returncode == 0
+  proc = subprocess.run(
+      [sys.executable, "-m", "embed.main", "--config=embed/configs/minilm.py",
+       f"--config.texts={texts}", f"--config.output={tmp_path / 'bank'}",
+       "--config.progress=False"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  runner = EvalRunner(cfg, build_model(model_cfg, seed=0))
+  assert len(runner.predictor.text_bank.index) == len(texts.read_text().splitlines())
+  out = runner.run()
+  assert out["flickr8k/num_images"] == 30 and out["imagenet/num_images"] == 30
