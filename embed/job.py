@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -261,8 +262,6 @@ def write_output(path: str, items: list[inputs.Item], result: ShardResult, stora
 
 def check_stray_shards(output: str, prefix: str, num_shards: int) -> None:
   """Shards of another shard count in the folder mean another input was embedded there."""
-  import glob
-
   for path in sorted(glob.glob(os.path.join(glob.escape(output), f"{prefix}-*-of-*.array_record"))):
     name = os.path.basename(path)
     if not name.endswith(f"-of-{num_shards:05d}.array_record"):
