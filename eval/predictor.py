@@ -134,14 +134,13 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     yield batch
 
 
-def _local_rows(sharding: NamedSharding, global_rows: int) -> slice:
-  """The rows of a batch-sharded global array that this process's devices hold."""
-  starts, stops = [], []
+def _local_rows(sharding: NamedSharding, global_rows: int) -> np.ndarray:
+  """Sorted indices of the rows of a batch-sharded global array held by this process's devices
+  (``make_array_from_process_local_data`` expects them in this order)."""
+  spans = set()
   for index in sharding.addressable_devices_indices_map((global_rows,)).values():
-    s = index[0]
-    starts.append(s.start or 0)
-    stops.append(global_rows if s.stop is None else s.stop)
-  return slice(min(starts), max(stops))
+    spans.add(index[0].indices(global_rows)[:2])
+  return np.concatenate([np.arange(a, b) for a, b in sorted(spans)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,22 +259,20 @@ class Predictor:
 
   def _image_batches(self, items: Iterable[Any], pool) -> Iterator[tuple[np.ndarray, int]]:
     s = self.image_size
-    lo, hi = self._rows.start, self._rows.stop
     blank = np.zeros((s, s, 3), np.uint8)
+    rows = len(self._rows)
 
     def submit(batch):
-      mine = batch[lo:hi]
+      mine = [batch[i] for i in self._rows if i < len(batch)]  # padding rows come last
       return [pool.submit(self.load_image, it) for it in mine], len(batch)
 
-    batches = _batches(items, self.batch_size)
     ahead = collections.deque()
-    for batch in batches:  # keep two batches decoding while the devices work
+    for batch in _batches(items, self.batch_size):  # two batches decode while devices work
       ahead.append(submit(batch))
-      if len(ahead) < 2:
-        continue
-      yield self._collect(*ahead.popleft(), hi - lo, blank)
+      if len(ahead) == 2:
+        yield self._collect(*ahead.popleft(), rows, blank)
     while ahead:
-      yield self._collect(*ahead.popleft(), hi - lo, blank)
+      yield self._collect(*ahead.popleft(), rows, blank)
 
   @staticmethod
   def _collect(futures, n_valid, rows, blank):
@@ -324,12 +321,10 @@ class Predictor:
       return self._bank().lookup(texts)
     if self.tokenizer is None:
       raise ValueError("a CLIP model needs a tokenizer (config.data.tokenizer) to embed texts")
-    lo, hi = self._rows.start, self._rows.stop
-
     def batches():
       for batch in _batches(texts, self.batch_size):
-        mine = batch[lo:hi]
-        tokens = np.zeros((hi - lo, self.context_length), np.int32)  # padding rows: id 0
+        mine = [batch[i] for i in self._rows if i < len(batch)]
+        tokens = np.zeros((len(self._rows), self.context_length), np.int32)  # padding: id 0
         if mine:
           ids = np.asarray(self.tokenizer(mine), np.int32)
           if ids.ndim != 2 or ids.shape[1] > self.context_length:

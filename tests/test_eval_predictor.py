@@ -66,7 +66,9 @@ def test_eight_devices_equal_one_device(lift_model, mesh8, mesh1):
 
 
 def test_batch_size_rounds_up_to_the_devices(lift_model, mesh8):
-  assert Predictor(lift_model, mesh=mesh8, batch_size=10).batch_size == 16
+  p = Predictor(lift_model, mesh=mesh8, batch_size=10)
+  assert p.batch_size == 16
+  np.testing.assert_array_equal(p._rows, np.arange(16))  # one process holds every row
 
 
 def test_set_params_swaps_weights_without_recompiling(lift_model, mesh8):
