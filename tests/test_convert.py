@@ -391,13 +391,13 @@ def test_resume_after_crash_is_byte_identical(tmp_path, monkeypatch):
   real_write = records.write_shard
   calls = []
 
-  def crashing(path, recs):
+  def crashing(path, recs, options):
     calls.append(path)
     if len(calls) == 3:  # dies in the middle of the third shard
       for i, _ in enumerate(recs):
         if i == 4:
           raise KeyboardInterrupt("simulated crash")
-    return real_write(path, recs)
+    return real_write(path, recs, options)
 
   monkeypatch.setattr(records, "write_shard", crashing)
   with pytest.raises(KeyboardInterrupt):

@@ -131,9 +131,11 @@ def test_different_seeds_differ(small_set, tmp_path):
   synthetic.generate(other, num_train=1200, num_eval=120, image_size=64, seed=1, num_shards=3,
                      workers=1)
   a, b = all_files(small_set), all_files(other)
-  differing = [k for k in a if a[k] != b.get(k)]
-  assert all(k in differing for k in a if k.endswith(".array_record"))
-  assert len([k for k in differing if k.endswith(".png")]) > 0.95 * (len(a) - 12)
+  shards = [k for k in a if k.endswith(".array_record")]
+  pngs = [k for k in a if k.endswith(".png")]
+  assert len(shards) == 3 and len(pngs) == 240
+  assert all(a[k] != b[k] for k in shards)
+  assert sum(a[k] != b[k] for k in pngs) > 0.95 * len(pngs)
 
 
 def test_generator_speed(tmp_path, capsys):

@@ -274,7 +274,8 @@ def build_shards(folder: str, shards: Sequence[Sequence[Any]], fn: Callable[[Any
           if record is not None:
             yield record
 
-      entry = records.write_shard(os.path.join(folder, names[i]), produce())
+      entry = records.write_shard(os.path.join(folder, names[i]), produce(),
+                                  records.UNCOMPRESSED)
       entry["items"] = len(shards[i])
       entry["report"] = report.to_dict()
       done[names[i]] = entry

@@ -219,15 +219,23 @@ def sha256_file(path: str) -> str:
   return h.hexdigest()
 
 
-def write_shard(path: str, records: Iterable[bytes]) -> dict[str, Any]:
+# Writer options for records whose payload is already compressed (JPEG / PNG / WebP images):
+# ArrayRecord's default brotli gains nothing there, makes writing ~6x and reading ~1.6x slower.
+UNCOMPRESSED = "group_size:1,uncompressed"
+
+
+def write_shard(path: str, records: Iterable[bytes], options: str = "group_size:1"
+                ) -> dict[str, Any]:
   """Writes packed records to ``path`` atomically (temporary name, then rename).
 
-  Returns the shard's manifest entry: file name, record count and SHA-256.
+  ``options`` are ArrayRecord writer options; keep ``group_size:1`` (random access). Readers need
+  no option: the compression is recorded in the file. Returns the shard's manifest entry: file
+  name, record count and SHA-256.
   """
   from array_record.python import array_record_module
 
   tmp = f"{path}.tmp-{os.getpid()}"
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  writer = array_record_module.ArrayRecordWriter(tmp, options)
   count = 0
   try:
     for data in records:
