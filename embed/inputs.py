@@ -51,15 +51,21 @@ def shard_items(path: str, field: str) -> list[Item]:
   """The captions in ``field`` of every record of an image shard, in order."""
   items = []
   fields_seen: set[str] = set()
+  kinds: set[str] = set()  # types the field holds across the shard
   for index, record in enumerate(records.iter_records(path, unicode_errors="surrogateescape")):
     key = record["key"]
     if not isinstance(key, str) or judge_text(key)[1] == UNDECODABLE:
       raise EmbedError(f"{path} record {index}: key {key!r} is not a valid UTF-8 string")
     fields_seen.update(record)
-    items.append(Item(key, *judge_text(record.get(field))))
-  if items and all(it.flag == MISSING for it in items):
+    value = record.get(field)
+    kinds.add(type(value).__name__)
+    items.append(Item(key, *judge_text(value)))
+  if items and not kinds & {"str", "bytes"}:
+    # No record with text in the field: the field name is wrong, not the data.
     have = ", ".join(sorted(f for f in fields_seen if f != "image"))
-    raise EmbedError(f"{path}: no record has the caption field {field!r} (fields: {have}); "
+    other = sorted(kinds - {"NoneType"})
+    holds = f"holds {'/'.join(other)} values, not text" if other else "is in no record"
+    raise EmbedError(f"{path}: the caption field {field!r} {holds} (fields: {have}); "
                      "set config.caption_field")
   return items
 

@@ -112,10 +112,16 @@ def test_empty_shard_and_shard_without_text(tmp_path, minilm_path):
 
 
 def test_wrong_caption_field_is_a_clear_error(images, tmp_path, minilm_path):
-  with pytest.raises(EmbedError, match=r"no record has the caption field 'recaption' "
+  with pytest.raises(EmbedError, match=r"the caption field 'recaption' is in no record "
                                        r"\(fields: caption, key\)"):
     job.run(minilm_config(minilm_path, images=images, output=str(tmp_path / "o"),
                           caption_field="recaption"))
+  lists = str(tmp_path / "lists")
+  write_image_shards(lists, [[{"caption": "a", "captions": ["a", "b"]}]])
+  with pytest.raises(EmbedError, match=r"the caption field 'captions' holds list values, not "
+                                       r"text \(fields: caption, captions, key\)"):
+    job.run(minilm_config(minilm_path, images=lists, output=str(tmp_path / "o2"),
+                          caption_field="captions"))
 
 
 def test_nan_outputs_are_flagged_or_fail(minilm_path):
