@@ -25,26 +25,31 @@ Records (msgpack maps, see :mod:`lift_jax.data.records`)
 ``key``, ``image`` (the source bytes unchanged, or a JPEG when the image was resized or converted),
 ``caption``; folder sources add ``captions``; tars add the ``--extra_fields`` targets (e.g.
 ``recaption``) and any ``--json_fields`` copied from ``KEY.json`` (e.g. ``uid``, ``url``).
+Shards are written without ArrayRecord compression (``records.UNCOMPRESSED``): image bytes are
+compressed already.
 
 Order, shards, resume
 ---------------------
-Samples are listed in a fixed order (folders: sorted by key; tars: tar files in the given sorted
-order, members in tar order) and shard ``i`` of ``n`` takes the contiguous slice
+Samples are listed in a fixed order (folders: sorted by key; tars: tar files in the order given,
+globs sorted, members in tar order) and shard ``i`` of ``n`` takes the contiguous slice
 ``[i*N//n, (i+1)*N//n)`` of the N listed samples. Output does not depend on the worker count.
 After every finished shard the manifest is rewritten (``"complete": false`` until the end), so a
 re-run of the same command keeps the shards whose count and SHA-256 match the manifest, redoes the
 rest, and ends byte-identical to an uninterrupted run. A re-run with other options or other input
 is refused unless ``--overwrite`` is given.
 
-Bad input (counted by reason, printed, stored in ``manifest["report"]`` with example keys)
-------------------------------------------------------------------------------------------
+Bad input (counted by reason, printed, stored in the manifest)
+--------------------------------------------------------------
+``manifest["report"]`` is ``{"counts": {"written": n, "resized": n, "skipped/zero_byte": n,
+"converted/cmyk": n, ...}, "examples": {"skipped/zero_byte": [up to 5 keys], ...}}`` over the
+whole run; each shard entry (``file``, ``count``, ``sha256``) carries its own ``report`` too.
 Skipped (no record written): ``zero_byte``, ``unreadable_image`` (undecodable or truncated),
 ``too_small`` (shorter side < ``--min_image_size``), ``extreme_aspect`` (longer/shorter side >
 ``--max_aspect_ratio``), ``missing_caption`` (absent or blank), ``undecodable_caption`` (not
 UTF-8), ``bad_json``, ``missing_image`` (a caption or sidecar without an image),
 ``duplicate_key`` (every occurrence of a key after the first: a later tar, or ``a.png`` beside
 ``a.jpg`` in a folder, where the first in sorted order is kept), ``missing_extra_caption``.
-Converted to RGB and re-encoded as JPEG (kept): ``cmyk``, ``16bit``, ``palette``, ``alpha``
+Converted to RGB and re-encoded as JPEG at ``--jpeg_quality`` (kept): ``cmyk``, ``16bit``, ``palette``, ``alpha``
 (composited on white), ``grayscale``, ``other_mode``, ``format`` (RGB but not JPEG/PNG/WebP).
 Dropped captions of kept images (folder sources): ``empty``, ``undecodable``.
 EXIF orientation is not applied (as in the reference loader); animated images keep frame one.
