@@ -1,6 +1,138 @@
-"""Prepares the data a config asks for (placeholder; filled in with the synthetic set)."""
+"""Builds the data a config asks for when it is missing: the built-in synthetic set, its caption
+embeddings and the evaluation text bank.
+
+Only configs with ``data.prepare = "synthetic"`` (``configs/tiny_synthetic.py``,
+``configs/clip_tiny_synthetic.py``) use this; full-scale configs point at shards made beforehand
+with ``lift_jax.data.convert`` and ``embed.main``. Every stage is skipped when its output is
+complete, and says so. The embedding job runs in a subprocess: the trainer never imports torch.
+
+Resulting layout (``data.synthetic.dir``, default ``WORKDIR/synthetic``)::
+
+    train/images-*.array_record       the synthetic training pairs
+    eval/...                          compositional / classification / retrieval sets
+    embeddings-<encoder>/             LIFT: caption embeddings aligned with train/
+    bank-<encoder>-<hash>/            LIFT: embeddings of every evaluation text
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+
+from lift_jax.data import records
+
+log = logging.getLogger(__name__)
 
 
-def prepare_data(config, workdir):
-  del workdir
+def _embed_config_path(config) -> str:
+  if config.data.get("embed_config"):
+    return config.data.embed_config
+  import embed  # the package's __init__ is empty: no torch is imported
+
+  return os.path.join(os.path.dirname(embed.__file__), "configs", "minilm.py")
+
+
+def _complete(folder: str, prefix: str, expected_shards: int | None = None) -> bool:
+  """True when ``folder`` holds a manifest whose shards are all present with the right size."""
+  try:
+    manifest = records.read_manifest(folder)
+  except records.RecordError:
+    return False
+  shards = manifest.get("shards", [])
+  if expected_shards is not None and len(shards) != expected_shards:
+    return False
+  return bool(shards) and all(
+      e.get("file", "").startswith(prefix) and os.path.exists(os.path.join(folder, e["file"]))
+      for e in shards)
+
+
+def run_embed(embed_config: str, output: str, *, images: str | None = None,
+              texts: str | None = None) -> None:
+  args = [sys.executable, "-m", "embed.main", f"--config={embed_config}",
+          f"--config.output={output}"]
+  args.append(f"--config.images={images}" if images else f"--config.texts={texts}")
+  log.info("embedding %s -> %s (%s)", images or texts, output, os.path.basename(embed_config))
+  proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"the embedding job failed ({' '.join(args)}):\n{proc.stdout[-4000:]}")
+  for line in proc.stdout.splitlines()[-6:]:
+    log.info("embed: %s", line)
+
+
+def synthetic_benchmarks(root: str) -> dict:
+  """The synthetic set's three evaluation suites, in the evaluators' config schema."""
+  ev = os.path.join(root, "eval")
+  images = os.path.join(ev, "images")
+  return {
+      "compositional": {"type": "sugarcrepe", "data_dir": os.path.join(ev, "compositional"),
+                        "image_dir": images},
+      "classification": {"type": "zeroshot", "image_dir": images,
+                         "labels": os.path.join(ev, "classification", "labels.tsv"),
+                         "classnames": os.path.join(ev, "classification", "classnames.txt"),
+                         "templates": os.path.join(ev, "classification", "templates.txt")},
+      "retrieval": {"type": "retrieval", "image_dir": images,
+                    "captions": os.path.join(ev, "retrieval", "captions.tsv"),
+                    "protocol": "standard"},
+  }
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Returns the config with the prepared paths filled in (the input config is not changed)."""
+  if config.data.get("prepare") in (None, ""):
+    return config
+  if config.data.prepare != "synthetic":
+    raise ValueError(f"config.data.prepare={config.data.prepare!r}: only 'synthetic' is known")
+  config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
+  syn = config.data.synthetic
+  root = os.path.abspath(syn.get("dir") or os.path.join(workdir, "synthetic"))
+  primary = jax.process_index() == 0
+  embed_config = _embed_config_path(config)
+  tag = os.path.splitext(os.path.basename(embed_config))[0]
+
+  if primary:
+    from lift_jax.data import synthetic
+
+    synthetic.generate(root, num_train=syn.num_train, num_eval=syn.num_eval,
+                       image_size=syn.image_size, seed=syn.seed,
+                       num_shards=syn.get("num_shards"))
+  config.data.images = config.data.get("images") or os.path.join(root, "train")
+  if config.evals.get("synthetic_suite"):
+    config.evals.benchmarks = synthetic_benchmarks(root)
+
+  if config.model.mode == "lift":
+    emb = config.data.get("embeddings") or os.path.join(root, f"embeddings-{tag}")
+    n_images = len(records.list_shards(config.data.images, records.IMAGES)) if primary else None
+    if primary:
+      if _complete(emb, records.EMBEDDINGS, n_images):
+        log.info("caption embeddings ready in %s (skipping the embedding job)", emb)
+      else:
+        run_embed(embed_config, emb, images=config.data.images)
+    config.data.embeddings = emb
+    if config.evals.get("benchmarks") and not config.evals.get("text_bank"):
+      from eval.texts import required_texts
+
+      texts = required_texts(config.evals)
+      digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:10]
+      bank = os.path.join(root, f"bank-{tag}-{digest}")
+      if primary:
+        if _complete(bank, records.BANK):
+          log.info("evaluation text bank ready in %s (%d texts)", bank, len(texts))
+        else:
+          from embed.banks import write_texts  # JAX-free and torch-free
+
+          texts_file = os.path.join(root, f"eval-texts-{digest}.json")
+          write_texts(texts_file, texts)
+          run_embed(embed_config, bank, texts=texts_file)
+      config.evals.text_bank = bank
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("lift_jax.prepare")
   return config

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import grain
 import jax
@@ -182,7 +182,78 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _flops_per_step(compiled) -> float | None:
+def _eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ==============================================================================================
+# Building blocks shared with the benchmark tool
+# ==============================================================================================
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  devices = jax.devices()
+  if config.mesh.get("num_devices"):
+    devices = devices[: config.mesh.num_devices]
+  mesh = sharding.make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1), devices)
+  if config.batch_size % mesh.devices.size:
+    raise TrainingError(f"batch_size {config.batch_size} does not divide by the "
+                        f"{mesh.devices.size} devices")
+  return mesh
+
+
+class Setup(NamedTuple):
+  graphdef: Any
+  init: Callable  # rng -> train state (jit it with out_shardings=state_shardings)
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: Any
+  step: Callable  # jitted, donating: (state, batch) -> (state, metrics)
+
+
+def build(config, mesh) -> Setup:
+  """The model, optimizer and jitted train step of a config, over ``mesh``."""
+  model_cfg = config.model.to_dict()
+  tx, schedule = optim.make_optimizer(config.optim, int(config.total_steps))
+
+  def init(rng):
+    model = TwoTower(model_cfg, rngs=nnx.Rngs(params=rng))
+    params = nnx.to_pure_dict(nnx.split(model)[1])
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": rng, "skipped": jnp.zeros((), jnp.int32),
+            "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  state_shardings = sharding.param_shardings(abstract_state, mesh,
+                                             list(config.get("sharding_rules", ())))
+  graphdef = nnx.split(nnx.eval_shape(lambda: TwoTower(model_cfg, rngs=nnx.Rngs(0))))[0]
+  batch_sharding = sharding.batch_sharding(mesh)
+  step = jax.jit(make_train_step(graphdef, config, tx, schedule),
+                 in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+  return Setup(graphdef, init, abstract_state, state_shardings, batch_sharding, step)
+
+
+def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of one global batch (what the pipeline yields)."""
+  b, s = config.batch_size, config.model.image_size
+  if config.model.mode == "lift":
+    text = jax.ShapeDtypeStruct((b, config.model.embed_dim), jnp.float32, sharding=batch_sharding)
+  else:
+    text = jax.ShapeDtypeStruct((b, config.model.text.context_length), jnp.int32,
+                                sharding=batch_sharding)
+  return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sharding),
+          "text": text,
+          "valid": jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sharding),
+          "reason": jax.ShapeDtypeStruct((b,), jnp.int8, sharding=batch_sharding)}
+
+
+def flops_per_step(compiled) -> float | None:
+  """FLOPs of one step per device, from XLA's cost analysis of the compiled program."""
   try:
     analysis = compiled.cost_analysis()
   except Exception:
@@ -192,13 +263,6 @@ def _flops_per_step(compiled) -> float | None:
   if not analysis or "flops" not in analysis:
     return None
   return float(analysis["flops"])
-
-
-def _eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 # ==============================================================================================
@@ -226,43 +290,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(_config_dict(config), f, indent=1)
 
   # ---------------------------------------------------------------- mesh
-  devices = jax.devices()
-  if config.mesh.get("num_devices"):
-    devices = devices[: config.mesh.num_devices]
-  mesh = sharding.make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1), devices)
+  mesh = make_mesh(config)
   n_dev = mesh.devices.size
-  if config.batch_size % n_dev:
-    raise TrainingError(f"batch_size {config.batch_size} does not divide by the {n_dev} devices")
   logging.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), n_dev,
                jax.devices()[0].device_kind, jax.process_count())
 
   # ---------------------------------------------------------------- data
   dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count())
-  batch_sharding = sharding.batch_sharding(mesh)
-  batches = pipeline.Batches(dataset, batch_sharding, prefetch=config.data.get("prefetch", 2))
+  batches = pipeline.Batches(dataset, sharding.batch_sharding(mesh),
+                             prefetch=config.data.get("prefetch", 2))
 
-  # ---------------------------------------------------------------- model and optimizer
-  model_cfg = config.model.to_dict()
-  tx, schedule = optim.make_optimizer(config.optim, total_steps)
-
-  def init(rng):
-    model = TwoTower(model_cfg, rngs=nnx.Rngs(params=rng))
-    params = nnx.to_pure_dict(nnx.split(model)[1])
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": rng, "skipped": jnp.zeros((), jnp.int32),
-            "nonfinite_step": jnp.full((), -1, jnp.int32)}
-
+  # ---------------------------------------------------------------- model, optimizer, step
+  setup = build(config, mesh)
+  graphdef, state_shardings, train_step = setup.graphdef, setup.state_shardings, setup.step
   rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.eval_shape(init, rng)
-  state_shardings = sharding.param_shardings(abstract_state, mesh,
-                                             list(config.get("sharding_rules", ())))
-  graphdef = nnx.split(nnx.eval_shape(lambda: TwoTower(model_cfg, rngs=nnx.Rngs(0))))[0]
-
-  # ---------------------------------------------------------------- step
-  train_step = jax.jit(make_train_step(graphdef, config, tx, schedule),
-                       in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
 
   # ---------------------------------------------------------------- resume
   mngr = ckpt.manager(os.path.join(workdir, ckpt.CHECKPOINTS),
@@ -270,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       keep_period=config.get("keep_checkpoint_every_steps"),
                       async_save=config.get("async_checkpoints", True))
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=state_shardings)(rng)
+    state = jax.jit(setup.init, out_shardings=state_shardings)(rng)
   latest = mngr.latest_step()
   if latest is not None:
     step_dir = os.path.join(workdir, ckpt.CHECKPOINTS, str(latest))
@@ -348,7 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch, _ = next(batches)
         if flops is None:
           compiled = train_step.lower(state, batch).compile()
-          flops = _flops_per_step(compiled) or 0.0
+          flops = flops_per_step(compiled) or 0.0
           logging.info("compiled the step: %.3g FLOPs per step per device (XLA cost analysis)",
                        flops)
         with jax.transfer_guard("disallow"):

@@ -211,6 +211,13 @@ def read_keys(path: str) -> list[str]:
   return [r["key"] for r in iter_records(path)]
 
 
+def _unique() -> str:
+  """A temporary-name suffix that differs between processes on different hosts sharing a disk."""
+  import socket
+
+  return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def sha256_file(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -234,7 +241,7 @@ def write_shard(path: str, records: Iterable[bytes], options: str = "group_size:
   """
   from array_record.python import array_record_module
 
-  tmp = f"{path}.tmp-{os.getpid()}"
+  tmp = f"{path}.tmp-{_unique()}"
   writer = array_record_module.ArrayRecordWriter(tmp, options)
   count = 0
   try:
@@ -292,7 +299,7 @@ def write_manifest(folder: str, manifest: dict[str, Any]) -> str:
   manifest.setdefault("format_version", FORMAT_VERSION)
   manifest.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat())
   path = os.path.join(folder, MANIFEST)
-  tmp = f"{path}.tmp-{os.getpid()}"
+  tmp = f"{path}.tmp-{_unique()}"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
     f.write("\n")
