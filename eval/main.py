@@ -80,9 +80,9 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
   from eval.benchmarks import BenchmarkConfigError
   from eval.evaluators import EvalRunner
   from lift_jax import checkpoint as ckpt
-  from lift_jax import sharding
+  from lift_jax import config_lib, sharding
 
-  directory, step = ckpt._resolve(path)  # the step load_model will read
+  directory, step = ckpt.resolve(path)  # the step load_model will read
   model, stored = ckpt.load_model(path, dtype=dtype)
   if config is None:
     config = stored
@@ -94,6 +94,11 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
     config.model = stored.model
   if not config.get("evals") or not config.evals.get("benchmarks"):
     raise BenchmarkConfigError("the config has no evals.benchmarks to run (give --config=CONFIG)")
+  config, dropped = config_lib.resolve_eval_paths(config)
+  if dropped:
+    raise BenchmarkConfigError(
+        f"benchmarks {', '.join(dropped)} have relative paths: set --config.evals.data_root=DIR "
+        "(or give absolute paths with --config.evals.benchmarks.NAME.FIELD=PATH)")
   mesh = sharding.make_mesh()
   t0 = time.perf_counter()
   runner = EvalRunner(config, model, mesh, only=only)

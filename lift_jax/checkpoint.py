@@ -70,7 +70,7 @@ def config_to_dict(config) -> dict[str, Any]:
   return json.loads(json.dumps(config, default=str))
 
 
-def _resolve(path: str) -> tuple[str, int]:
+def resolve(path: str) -> tuple[str, int]:
   """A workdir, checkpoints folder or step folder -> (checkpoints folder, step)."""
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
@@ -89,7 +89,7 @@ def _resolve(path: str) -> tuple[str, int]:
 
 def read_config(path: str) -> ml_collections.ConfigDict:
   """The config stored with a checkpoint (workdir, checkpoints folder or step folder)."""
-  directory, step = _resolve(path)
+  directory, step = resolve(path)
   mngr = manager(directory, with_data=False, read_only=True, async_save=False)
   try:
     cfg = mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
@@ -101,7 +101,7 @@ def read_config(path: str) -> ml_collections.ConfigDict:
 def restore_params(path: str, abstract_params=None):
   """(params, step) of a checkpoint; with ``abstract_params`` (ShapeDtypeStructs with shardings)
   the arrays are restored into those shardings, and shapes are checked."""
-  directory, step = _resolve(path)
+  directory, step = resolve(path)
   mngr = manager(directory, with_data=False, read_only=True, async_save=False)
   try:
     if abstract_params is None:  # as saved, onto this process's first device

@@ -6,6 +6,8 @@ differs. Optional strings and ints are ml_collections placeholders so ``--config
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -16,22 +18,20 @@ STEPS = {"128M": 7_816, "512M": 31_264, "1.28B": 78_024}
 
 
 def base(mode: str = "lift") -> ml_collections.ConfigDict:
+  """Every field, with the paper's values for ViT-B/16 (see DOCS for what each field means)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = STEPS["1.28B"]
-  c.batch_size = 16384  # global
+  c.batch_size = 16384
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
-  c.eval_every_steps = 0  # 0: evaluate at the end only
+  c.eval_every_steps = 0
   c.keep_checkpoints = 3
   c.keep_checkpoint_every_steps = config_dict.placeholder(int)
   c.async_checkpoints = True
   c.tensorboard = True
-
-  # data x fsdp must equal the device count; -1 = the rest. num_devices: use only the first N.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1,
                                       "num_devices": config_dict.placeholder(int)})
-  # (regex over parameter paths, "replicated" | "fsdp" | per-dim axis names); first match wins.
   c.sharding_rules = [(".*", "replicated")]
 
   m = c.model = ml_collections.ConfigDict()
@@ -43,80 +43,237 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
                                      "depth": config_dict.placeholder(int),
                                      "mlp_dim": config_dict.placeholder(int),
                                      "num_heads": config_dict.placeholder(int)})
-  m.loss = "softmax"  # softmax (InfoNCE) | sigmoid | cos (positive-only ablation)
-  m.logit_scale_init = config_dict.placeholder(float)  # None: ln(1/0.07) (sigmoid: ln 10)
-  m.logit_bias_init = config_dict.placeholder(float)  # None: no bias (sigmoid: -10)
-  m.dtype = "bfloat16"  # compute dtype; parameters are float32
+  m.loss = "softmax"
+  m.logit_scale_init = config_dict.placeholder(float)
+  m.logit_bias_init = config_dict.placeholder(float)
+  m.dtype = "bfloat16"
   m.remat = False
-  m.attention_impl = config_dict.placeholder(str)  # None: cuDNN where available, else XLA
+  m.attention_impl = config_dict.placeholder(str)
   if mode == "lift":
-    m.embed_dim = 4096  # NV-Embed-v2
-    m.head_hidden = (4096,)  # Linear(768->4096) -> GELU -> Linear(4096->4096)
+    m.embed_dim = 4096
+    m.head_hidden = (4096,)
   else:
     m.embed_dim = 512
     m.head_hidden = ()
     m.text = ml_collections.ConfigDict({
         "vocab_size": 49408, "context_length": 77, "width": 512, "depth": 12, "num_heads": 8,
-        "eot_token_id": config_dict.placeholder(int)})  # None: argmax (CLIP BPE)
+        "eot_token_id": config_dict.placeholder(int)})
 
   o = c.optim = ml_collections.ConfigDict()
   o.lr = 1e-3
   o.b1, o.b2, o.eps = 0.9, 0.98, 1e-6
   o.weight_decay = 0.2
-  o.wd_min_ndim = 2  # decay parameters with ndim >= 2 only
+  o.wd_min_ndim = 2
   o.warmup_steps = 500
   o.grad_clip_norm = config_dict.placeholder(float)
-  o.grad_clip_norm = 1.0 if mode == "lift" else None  # the CLIP baseline is not clipped
+  o.grad_clip_norm = 1.0 if mode == "lift" else None
   o.grad_accum_steps = 1
 
   d = c.data = ml_collections.ConfigDict()
-  d.images = config_dict.placeholder(str)  # folder of images-*.array_record
-  d.embeddings = config_dict.placeholder(str)  # LIFT: folder of embeddings-*.array_record
+  d.images = config_dict.placeholder(str)
+  d.embeddings = config_dict.placeholder(str)
   d.caption_field = "caption"
-  d.tokenizer = config_dict.placeholder(str)  # CLIP: HF tokenizer name or local folder
+  d.tokenizer = config_dict.placeholder(str)
   d.crop_scale = (0.9, 1.0)
   d.crop_ratio = (3 / 4, 4 / 3)
   d.mean = transforms.OPENAI_MEAN
   d.std = transforms.OPENAI_STD
-  d.workers = 8  # grain worker processes
-  d.read_threads = 2  # threads per worker
-  d.prefetch = 2  # global batches prefetched onto the devices
-  d.max_skipped = config_dict.placeholder(int)  # stop when more examples were unusable
-  d.max_image_bytes = config_dict.placeholder(int)  # the original loader's 50,000-byte quirk
-  d.prepare = config_dict.placeholder(str)  # "synthetic": build the data set when missing
+  d.workers = 8
+  d.read_threads = 2
+  d.prefetch = 2
+  d.max_skipped = config_dict.placeholder(int)
+  d.max_image_bytes = config_dict.placeholder(int)
+  d.prepare = config_dict.placeholder(str)
   d.synthetic = ml_collections.ConfigDict({
       "dir": config_dict.placeholder(str), "num_train": 20000, "num_eval": 500,
       "image_size": 64, "seed": 0, "num_shards": 8})
-  d.embed_config = config_dict.placeholder(str)  # embed/configs/*.py used by prepare
+  d.embed_config = config_dict.placeholder(str)
 
   e = c.evals = ml_collections.ConfigDict()
   e.batch_size = 1024
-  e.text_bank = config_dict.placeholder(str)  # LIFT: folder written by embed.main texts mode
-  e.resize_size = config_dict.placeholder(int)  # None: image_size * 256 / 224
+  e.text_bank = config_dict.placeholder(str)
+  e.resize_size = config_dict.placeholder(int)
   e.mean = transforms.IMAGENET_MEAN
   e.std = transforms.IMAGENET_STD
   e.workers = 8
+  e.data_root = config_dict.placeholder(str)
+  e.synthetic_suite = False
   e.benchmarks = ml_collections.ConfigDict()
   return c
 
 
-def add_paper_benchmarks(c: ml_collections.ConfigDict, data_root: str = "") -> None:
+DOCS = {
+    "seed": "Seed of the initialisation, the data order and the crops.",
+    "total_steps": "Training steps; the paper's 128M / 512M / 1.28B samples seen at batch 16384 "
+                   "are 7,816 / 31,264 / 78,024.",
+    "batch_size": "Global batch (all devices, all processes); the contrastive loss uses all of "
+                  "it as negatives.",
+    "log_every_steps": "Metrics to metrics.jsonl, TensorBoard and the log every N steps.",
+    "checkpoint_every_steps": "Checkpoint every N steps (and at the end, and on SIGTERM).",
+    "eval_every_steps": "Run `evals` every N steps; 0 = at the end only.",
+    "keep_checkpoints": "How many of the latest checkpoints to keep (None = all).",
+    "keep_checkpoint_every_steps": "Also keep every checkpoint whose step divides by N.",
+    "async_checkpoints": "Write checkpoints in the background.",
+    "tensorboard": "Write TensorBoard event files (needs tensorflow; metrics.jsonl is always "
+                   "written).",
+    "mesh.data": "Data-parallel axis size; -1 = the devices left after fsdp.",
+    "mesh.fsdp": "FSDP axis size (parameters and optimizer state sharded over it by "
+                 "sharding_rules); -1 = the devices left after data.",
+    "mesh.num_devices": "Use only the first N devices (None = all).",
+    "sharding_rules": "(regex over parameter paths, 'replicated' | 'fsdp' | per-dim axis names) "
+                      "pairs; the first match wins; optimizer state follows its parameter.",
+    "model.mode": "'lift' (fixed text embeddings, MLP head) or 'clip' (trainable text tower).",
+    "model.variant": "ViT variant NAME/PATCH: Ti, S, M, B, L, H, So400m, g; e.g. 'B/16'.",
+    "model.image_size": "Input resolution (any multiple of the patch size).",
+    "model.pool": "'avg' (mean of patch tokens after ln_post, class token excluded: LIFT) or "
+                  "'tok' (class token: CLIP).",
+    "model.vit.width": "Override the variant's width.",
+    "model.vit.depth": "Override the variant's depth.",
+    "model.vit.mlp_dim": "Override the variant's MLP width.",
+    "model.vit.num_heads": "Override the variant's head count.",
+    "model.loss": "'softmax' (symmetric InfoNCE, the paper's), 'sigmoid' (SigLIP) or 'cos' "
+                  "(positive-only cosine ablation).",
+    "model.logit_scale_init": "Initial log logit scale; None = ln(1/0.07) (sigmoid: ln 10). "
+                              "Clipped to [0, ln 100] after every update.",
+    "model.logit_bias_init": "Initial logit bias; None = none (sigmoid: -10).",
+    "model.dtype": "Compute dtype (parameters stay float32): bfloat16 on accelerators.",
+    "model.remat": "Rematerialise each transformer block (less memory, one more forward).",
+    "model.attention_impl": "jax.nn.dot_product_attention implementation: None (cuDNN where "
+                            "possible, else XLA), 'xla' or 'cudnn'.",
+    "model.embed_dim": "Width of the compared embeddings: the text encoder's (NV-Embed-v2: "
+                       "4096; MiniLM: 384) for LIFT, the projection's for CLIP.",
+    "model.head_hidden": "LIFT head hidden widths: Linear(width -> h) -> GELU -> ... -> "
+                         "Linear(-> embed_dim); () = one Linear.",
+    "model.text.vocab_size": "CLIP text tower vocabulary (CLIP BPE: 49408).",
+    "model.text.context_length": "CLIP text tower context: 77 (short captions) or 323 (long).",
+    "model.text.width": "CLIP text tower width.",
+    "model.text.depth": "CLIP text tower depth.",
+    "model.text.num_heads": "CLIP text tower heads.",
+    "model.text.eot_token_id": "Token the text tower pools at; None = the largest id (CLIP "
+                               "BPE's end of text).",
+    "optim.lr": "Peak learning rate (AdamW).",
+    "optim.b1": "AdamW beta1.",
+    "optim.b2": "AdamW beta2.",
+    "optim.eps": "AdamW epsilon.",
+    "optim.weight_decay": "Decoupled weight decay on parameters with ndim >= wd_min_ndim.",
+    "optim.wd_min_ndim": "Parameters with fewer dimensions (norms, biases, class token, logit "
+                         "scale) are not decayed.",
+    "optim.warmup_steps": "Linear warmup lr * (step + 1) / warmup, then cosine to 0.",
+    "optim.grad_clip_norm": "Global-norm gradient clipping; 1.0 for LIFT, None for CLIP.",
+    "optim.grad_accum_steps": "Split each global batch into N micro-batches; the gradient of "
+                              "the global-batch loss stays exact (embeddings cached).",
+    "data.images": "Folder of images-*.array_record shards.",
+    "data.embeddings": "LIFT: folder of embeddings-*.array_record aligned with data.images.",
+    "data.caption_field": "Caption field the CLIP baseline tokenises ('caption' or "
+                          "'recaption').",
+    "data.tokenizer": "CLIP: Hugging Face tokenizer, hub id or local folder.",
+    "data.crop_scale": "RandomResizedCrop area range.",
+    "data.crop_ratio": "RandomResizedCrop aspect-ratio range.",
+    "data.mean": "Training normalisation mean (OpenAI CLIP's).",
+    "data.std": "Training normalisation std (OpenAI CLIP's).",
+    "data.workers": "grain worker processes per host (0 = threads in the main process).",
+    "data.read_threads": "Threads per worker.",
+    "data.prefetch": "Global batches prefetched onto the devices.",
+    "data.max_skipped": "Stop when more training examples than this were unusable "
+                        "(undecodable image, NaN embedding, missing caption); None = never.",
+    "data.max_image_bytes": "Skip encoded images larger than this (the original loader's "
+                            "50,000-byte quirk, off by default).",
+    "data.prepare": "'synthetic': generate the synthetic set, its embeddings and eval bank "
+                    "when missing.",
+    "data.synthetic.dir": "Where the synthetic set goes (default WORKDIR/synthetic).",
+    "data.synthetic.num_train": "Synthetic training pairs.",
+    "data.synthetic.num_eval": "Synthetic eval scenes per kind (two-object and one-object).",
+    "data.synthetic.image_size": "Synthetic image side in pixels.",
+    "data.synthetic.seed": "Seed of the synthetic set.",
+    "data.synthetic.num_shards": "Synthetic training shards.",
+    "data.embed_config": "embed/configs/*.py that data.prepare uses (default minilm.py).",
+    "evals.batch_size": "Global eval batch (images per step).",
+    "evals.text_bank": "LIFT: folder of the text bank holding every eval text.",
+    "evals.resize_size": "Eval Resize(shorter side) before CenterCrop(image_size); None = "
+                         "image_size * 256 / 224.",
+    "evals.mean": "Eval normalisation mean (ImageNet's, as the paper's eval).",
+    "evals.std": "Eval normalisation std (ImageNet's).",
+    "evals.workers": "Image decoding threads.",
+    "evals.data_root": "Folder that relative benchmark paths are joined to.",
+    "evals.synthetic_suite": "Evaluate the synthetic set's compositional, classification and "
+                             "retrieval sets (with data.prepare='synthetic').",
+    "evals.benchmarks": "{name: {type: sugarcrepe | zeroshot | retrieval, ...}}; see "
+                        "eval/benchmarks.py for each type's fields.",
+}
+
+
+PATH_FIELDS = ("data_dir", "image_dir", "captions", "labels", "classnames", "templates",
+               "wnids", "shards", "tfds_data_dir")
+
+
+def add_paper_benchmarks(c: ml_collections.ConfigDict) -> None:
   """SugarCrepe, ImageNet-1K (LIFT protocol), COCO 5k and Flickr30K 1k (LIFT protocol).
 
-  Paths default to ``data_root`` sub-folders; override each with --config.evals.benchmarks....
+  Paths are relative to ``config.evals.data_root`` (see :func:`resolve_eval_paths`)::
+
+      sugarcrepe/{add_obj,...}.json            coco/val2017/*.jpg
+      coco/annotations/captions_val2017.json   imagenet/val/<wnid>/*.JPEG
+      imagenet/classnames_keras.txt            imagenet/templates_lift.txt
+      flickr30k/flickr30k-images/*.jpg         flickr30k/flickr_annotations_30k.csv
+
+  Any field can be overridden with an absolute path: --config.evals.benchmarks.NAME.FIELD=PATH.
   """
-  join = lambda *p: "/".join((data_root.rstrip("/"),) + p) if data_root else config_dict.placeholder(str)
   c.evals.benchmarks = ml_collections.ConfigDict({
-      "sugarcrepe": {"type": "sugarcrepe", "data_dir": join("sugarcrepe"),
-                     "image_dir": join("coco", "val2017")},
-      "imagenet": {"type": "zeroshot", "image_dir": join("imagenet", "val"),
-                   "classnames": join("imagenet", "classnames_keras.txt"),
-                   "templates": join("imagenet", "templates_lift.txt"), "protocol": "lift"},
-      "coco": {"type": "retrieval", "captions": join("coco", "annotations",
-                                                     "captions_val2017.json"),
-               "image_dir": join("coco", "val2017"), "protocol": "lift"},
-      "flickr30k": {"type": "retrieval", "captions": join("flickr30k",
-                                                          "flickr_annotations_30k.csv"),
-                    "image_dir": join("flickr30k", "flickr30k-images"), "split": "test",
+      "sugarcrepe": {"type": "sugarcrepe", "data_dir": "sugarcrepe",
+                     "image_dir": "coco/val2017"},
+      "imagenet": {"type": "zeroshot", "image_dir": "imagenet/val",
+                   "classnames": "imagenet/classnames_keras.txt",
+                   "templates": "imagenet/templates_lift.txt", "protocol": "lift"},
+      "coco": {"type": "retrieval", "captions": "coco/annotations/captions_val2017.json",
+               "image_dir": "coco/val2017", "protocol": "lift"},
+      "flickr30k": {"type": "retrieval", "captions": "flickr30k/flickr_annotations_30k.csv",
+                    "image_dir": "flickr30k/flickr30k-images", "split": "test",
                     "protocol": "lift"},
   })
+
+
+def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict,
+                                                                    list[str]]:
+  """Joins relative benchmark paths to ``evals.data_root``.
+
+  Returns (config copy, names of benchmarks dropped because they have relative paths and no
+  data_root is set: a run whose evaluation data was not given still trains).
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  root = config.evals.get("data_root")
+  dropped = []
+  benchmarks = {}
+  for name, bench in (config.evals.get("benchmarks") or {}).items():
+    bench = dict(bench)
+    relative = [f for f in PATH_FIELDS if isinstance(bench.get(f), str) and bench[f]
+                and not os.path.isabs(bench[f])]
+    if relative and not root:
+      dropped.append(name)
+      continue
+    for f in relative:
+      bench[f] = os.path.join(root, bench[f])
+    benchmarks[name] = bench
+  config.evals.benchmarks = benchmarks
+  return config, dropped
+
+
+def paper(mode: str, captions: str, samples: str, variant_arg: str | None = None
+          ) -> ml_collections.ConfigDict:
+  """One of the paper's ViT-B/16 runs: ``mode`` lift|clip, ``captions`` short|long (DataComp's web
+  captions | Recap-DataComp's re-captions), ``samples`` 512M|1.28B. ``variant_arg`` is the
+  ``:ARG`` of ``--config=FILE:ARG``: ``cos`` (positive-only ablation), ``sigmoid`` (SigLIP loss),
+  or empty."""
+  c = base(mode)
+  c.total_steps = STEPS[samples]
+  long = captions == "long"
+  c.data.caption_field = "recaption" if long else "caption"
+  if mode == "clip":
+    c.model.text.context_length = 323 if long else 77
+    c.data.tokenizer = "openai/clip-vit-base-patch16"  # CLIP's BPE; a local folder works too
+  c.data.embed_config = "embed/configs/nvembed_v2.py"
+  add_paper_benchmarks(c)
+  if variant_arg:
+    if variant_arg not in ("cos", "sigmoid"):
+      raise ValueError(f"unknown config argument {variant_arg!r}; expected 'cos' or 'sigmoid'")
+    c.model.loss = variant_arg
+  return c

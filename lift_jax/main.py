@@ -29,6 +29,8 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi
 flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-process).")
 flags.DEFINE_integer("local_device_count", None,
                      "CPU only: how many CPU devices this process exposes (testing).")
+flags.DEFINE_bool("prepare_only", False,
+                  "Only build the data the config asks for (data.prepare), then exit.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -74,6 +76,11 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
+    if FLAGS.prepare_only:
+      from lift_jax import prepare
+
+      prepare.prepare_data(FLAGS.config, FLAGS.workdir)
+      return
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.TrainingError as e:
     logging.error("%s", e)

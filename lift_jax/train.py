@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from lift_jax import checkpoint as ckpt
-from lift_jax import losses, optim, sharding
+from lift_jax import config_lib, losses, optim, sharding
 from lift_jax.data import pipeline, transforms
 from lift_jax.metrics import MetricWriter, peak_flops
 from lift_jax.models.two_tower import LOGIT_SCALE_MAX, TwoTower
@@ -335,10 +335,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- evaluators
   runner = None
-  if config.get("evals") and config.evals.get("benchmarks"):
+  eval_config, dropped = config_lib.resolve_eval_paths(config)
+  if dropped:
+    logging.warning("evaluation of %s skipped: their paths are relative and "
+                    "--config.evals.data_root is not set", ", ".join(dropped))
+  if eval_config.evals.get("benchmarks"):
     from eval.evaluators import EvalRunner
 
-    runner = EvalRunner(config, nnx.merge(graphdef, state["params"]), mesh)
+    runner = EvalRunner(eval_config, nnx.merge(graphdef, state["params"]), mesh)
 
   writer = MetricWriter(workdir, primary, tensorboard=config.get("tensorboard", True))
   preemption = Preemption()
@@ -392,6 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           flops = flops_per_step(compiled) or 0.0
           logging.info("compiled the step: %.3g FLOPs per step per device (XLA cost analysis)",
                        flops)
+          t_log = time.time()  # throughput excludes compilation
         with jax.transfer_guard("disallow"):
           state, metrics = train_step(state, batch)
         step += 1
@@ -404,7 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           rate = steps_since_log * config.batch_size / dt
           scalars = {k: float(v) for k, v in m.items()}
           scalars.update({"img_per_s": rate, "img_per_s_per_device": rate / n_dev,
-                          "step_time_s": dt / steps_since_log})
+                          "step_time_s": dt / steps_since_log,
+                          "flops_per_step_per_device": flops})
           if flops and peak:
             scalars["mfu"] = flops * steps_since_log / dt / peak
           writer.write(step, scalars)
