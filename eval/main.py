@@ -38,10 +38,24 @@ _WRITE_TEXTS = flags.DEFINE_string("write_texts", None,
                                    "Write the texts the benchmarks score to this file and exit.")
 
 
+def resolved(config):
+  """The config with benchmark paths joined to evals.data_root; relative paths without a root
+  are an error here (training merely skips such benchmarks)."""
+  from eval.benchmarks import BenchmarkConfigError
+  from lift_jax import config_lib
+
+  config, dropped = config_lib.resolve_eval_paths(config)
+  if dropped:
+    raise BenchmarkConfigError(
+        f"benchmarks {', '.join(dropped)} have relative paths: set --config.evals.data_root=DIR "
+        "(or give absolute paths with --config.evals.benchmarks.NAME.FIELD=PATH)")
+  return config
+
+
 def write_texts(config, path: str) -> int:
   from eval.texts import required_texts
 
-  texts = required_texts(config.evals)
+  texts = required_texts(resolved(config).evals)
   bad = [t for t in texts if "\n" in t or "\r" in t]
   if bad:  # one text per line cannot hold them: write a JSON list, which embed.main also reads
     with open(path, "w", encoding="utf-8") as f:
@@ -80,7 +94,7 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
   from eval.benchmarks import BenchmarkConfigError
   from eval.evaluators import EvalRunner
   from lift_jax import checkpoint as ckpt
-  from lift_jax import config_lib, sharding
+  from lift_jax import sharding
 
   directory, step = ckpt.resolve(path)  # the step load_model will read
   model, stored = ckpt.load_model(path, dtype=dtype)
@@ -94,11 +108,7 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
     config.model = stored.model
   if not config.get("evals") or not config.evals.get("benchmarks"):
     raise BenchmarkConfigError("the config has no evals.benchmarks to run (give --config=CONFIG)")
-  config, dropped = config_lib.resolve_eval_paths(config)
-  if dropped:
-    raise BenchmarkConfigError(
-        f"benchmarks {', '.join(dropped)} have relative paths: set --config.evals.data_root=DIR "
-        "(or give absolute paths with --config.evals.benchmarks.NAME.FIELD=PATH)")
+  config = resolved(config)
   mesh = sharding.make_mesh()
   t0 = time.perf_counter()
   runner = EvalRunner(config, model, mesh, only=only)

@@ -47,6 +47,7 @@ flags.DEFINE_integer("batches", 20, "input: batches timed per worker count.")
 flags.DEFINE_string("lengths", "32,77,128,323", "efficiency: CLIP caption lengths.")
 flags.DEFINE_string("variant", "B/16", "efficiency: ViT variant.")
 flags.DEFINE_integer("image_size", 224, "efficiency: image size.")
+flags.DEFINE_bool("remat", False, "efficiency: rematerialise every block (as the original runs).")
 flags.DEFINE_string("texts", None, "embed: a text file to embed (one text per line).")
 flags.DEFINE_string("embed_config", None, "embed: embed/configs/*.py (default: the config's).")
 
@@ -205,6 +206,7 @@ def efficiency_configs(per_device_batch: int, variant: str, image_size: int,
   for c in (lift, clip):
     c.batch_size = per_device_batch * n
     c.model.variant, c.model.image_size = variant, image_size
+    c.model.remat = FLAGS.remat
   out.append(("LIFT", None, lift))
   for length in lengths:
     c = copy.deepcopy(clip)
@@ -235,8 +237,8 @@ def bench_efficiency() -> dict[str, Any]:
   print_table(rows, ["model", "caption_length", "gflops_per_image", "flops_per_step",
                      "memory_bytes", "lift_flops_saving", "lift_memory_saving"],
               f"LIFT vs CLIP, {FLAGS.variant} at {FLAGS.image_size}, per-device batch {pdb}, "
-              f"compiled on {info['device_kind']} (not run)")
-  return {**info, "per_device_batch": pdb, "variant": FLAGS.variant,
+              f"remat={FLAGS.remat}, compiled on {info['device_kind']} (not run)")
+  return {**info, "per_device_batch": pdb, "variant": FLAGS.variant, "remat": FLAGS.remat,
           "image_size": FLAGS.image_size, "rows": rows}
 
 
