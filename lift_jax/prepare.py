@@ -62,7 +62,7 @@ def run_embed(embed_config: str, output: str, *, images: str | None = None,
   if proc.returncode:
     raise RuntimeError(f"the embedding job failed ({' '.join(args)}):\n{proc.stdout[-4000:]}")
   for line in proc.stdout.splitlines()[-6:]:
-    log.info("embed: %s", line)
+    log.info("%s", line)
 
 
 def synthetic_benchmarks(root: str) -> dict:

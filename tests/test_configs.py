@@ -47,7 +47,8 @@ def test_cos_and_sigmoid_switches():
 def test_eval_paths_resolve_against_data_root():
   c = config_reference.load("vitb16_datacomp")
   resolved, dropped = config_lib.resolve_eval_paths(c)
-  assert dropped == ["sugarcrepe", "imagenet", "coco", "flickr30k"] and not resolved.evals.benchmarks
+  assert sorted(dropped) == ["coco", "flickr30k", "imagenet", "sugarcrepe"]
+  assert not resolved.evals.benchmarks
   c.evals.data_root = "/data/eval"
   resolved, dropped = config_lib.resolve_eval_paths(c)
   assert not dropped

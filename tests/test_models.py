@@ -1,6 +1,7 @@
 """Models against independent references: Hugging Face's CLIP (PyTorch) with the same weights,
 the import tool's round trip, parameter counts and the initialisation SPEC.md prescribes."""
 
+import json
 import math
 import os
 import subprocess
@@ -329,3 +330,72 @@ def test_variants():
   assert parse_variant("Ti/16", depth=2).depth == 2
   with pytest.raises(ValueError, match="unknown ViT variant"):
     parse_variant("XL/16")
+
+
+def test_imported_checkpoint_evaluates_through_eval_main(tmp_path):
+  """An OpenCLIP-named LIFT state dict -> import_torch -> eval.main, with numbers equal to the
+  HF reference model's own retrieval ranks."""
+  from conftest import shared_data
+  from eval.texts import read_captions
+  from eval_fixtures import write_bank
+
+  vision = hf_vision(seed=7)
+  torch.manual_seed(8)
+  head = torch.nn.Sequential(torch.nn.Linear(WIDTH, 32), torch.nn.GELU(), torch.nn.Linear(32, 40))
+  ckpt = tmp_path / "lift.pt"
+  torch.save({"state_dict": {f"module.{k}": v
+                             for k, v in openclip_state_dict(vision, head=head).items()}}, ckpt)
+  images = shared_data("flickr8k_subset", "images")
+  captions = read_captions(shared_data("flickr8k_subset", "captions.tsv"))
+  names = sorted(captions)[:12]
+  tsv = tmp_path / "captions.tsv"
+  tsv.write_text("".join(f"{n}\t0\t{captions[n][0]}\n" for n in names))
+  texts = [captions[n][0] for n in names]
+  bank = write_bank(str(tmp_path / "bank"), texts, dim=40, seed=3)
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(
+      "import ml_collections\n"
+      "def get_config():\n"
+      f"  return ml_collections.ConfigDict({{'model': {model_cfg('lift')!r}, 'data': {{}}, "
+      f"'evals': {{'batch_size': 8, 'text_bank': {bank!r}, 'workers': 2, "
+      f"'benchmarks': {{'f8k': {{'type': 'retrieval', 'protocol': 'lift', "
+      f"'captions': {str(tsv)!r}, 'image_dir': {images!r}}}}}}}}})\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  subprocess.run([sys.executable, "-m", "lift_jax.tools.import_torch", f"--checkpoint={ckpt}",
+                  f"--config={cfg}", f"--output={tmp_path / 'wd'}"], check=True, env=env,
+                 capture_output=True)
+  out = tmp_path / "m.json"
+  r = subprocess.run([sys.executable, "-m", "eval.main", f"--workdir={tmp_path / 'wd'}",
+                      f"--config={cfg}", f"--output={out}"], env=env, capture_output=True,
+                     text=True)
+  assert r.returncode == 0, r.stderr[-3000:]
+  metrics = json.loads(out.read_text())["metrics"]
+  assert metrics["f8k/num_images"] == 12
+
+  # Reference: the HF model on the same eval transform, scored in numpy.
+  from eval.predictor import Predictor
+  from lift_jax.data import records
+
+  pred = Predictor(lift_jax_load(tmp_path / "wd"), batch_size=8, workers=2)
+  pix = np.stack([pred.load_image(os.path.join(images, n)) for n in names]).astype(np.float32)
+  from lift_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+  x = normalize(pix, IMAGENET_MEAN, IMAGENET_STD)
+  with torch.no_grad():
+    hidden = vision.vision_model(pixel_values=torch_images(x)).last_hidden_state
+    zi = head(vision.vision_model.post_layernorm(hidden)[:, 1:].mean(1)).numpy()
+  zi /= np.linalg.norm(zi, axis=-1, keepdims=True)
+  index, bank_vectors, _ = records.load_text_bank(bank)
+  zt = bank_vectors[[index[t] for t in texts]]
+  zt /= np.linalg.norm(zt, axis=-1, keepdims=True)
+  sims = zi @ zt.T
+  i2t = np.mean(np.argmax(sims, axis=1) == np.arange(12))
+  t2i = np.mean(np.argmax(sims, axis=0) == np.arange(12))
+  assert metrics["f8k/i2t_r1"] == pytest.approx(i2t)
+  assert metrics["f8k/t2i_r1"] == pytest.approx(t2i)
+
+
+def lift_jax_load(path):
+  import lift_jax
+
+  return lift_jax.load(str(path))

@@ -145,4 +145,9 @@ def normalize(images, mean: Sequence[float], std: Sequence[float]):
     import jax.numpy as xp  # only when called on device arrays
   mean = xp.asarray(mean, dtype=xp.float32) * 255.0
   inv_std = 1.0 / (xp.asarray(std, dtype=xp.float32) * 255.0)
+  if xp is np:  # in place: no temporaries on the host
+    out = images.astype(np.float32)
+    out -= mean
+    out *= inv_std
+    return out
   return (images.astype(xp.float32) - mean) * inv_std

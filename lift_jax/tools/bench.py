@@ -50,6 +50,9 @@ flags.DEFINE_integer("image_size", 224, "efficiency: image size.")
 flags.DEFINE_bool("remat", False, "efficiency: rematerialise every block (as the original runs).")
 flags.DEFINE_string("texts", None, "embed: a text file to embed (one text per line).")
 flags.DEFINE_string("embed_config", None, "embed: embed/configs/*.py (default: the config's).")
+flags.DEFINE_string("compare_config", None,
+                    "step: a second config (e.g. the CLIP counterpart) timed in the same run; "
+                    "the table then shows the step-time and FLOPs ratios.")
 
 
 def device_info() -> dict[str, Any]:
@@ -186,6 +189,30 @@ def bench_step(config) -> dict[str, Any]:
                          "flops_per_step_per_device", "mfu", "peak_bytes_in_use",
                          "compiled_bytes"], "train step")
   return result
+
+
+def _load_config(path: str):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("bench_compare_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def bench_steps(config) -> dict[str, Any]:
+  """The step bench of ``config`` and, with --compare_config, of a second config, in one run."""
+  first = bench_step(config)
+  if not FLAGS.compare_config:
+    return first
+  second = bench_step(_load_config(FLAGS.compare_config))
+  ratio = {"step_time_ratio": first["step_s_median"] / second["step_s_median"],
+           "flops_ratio": (first["flops_per_step_per_device"] /
+                           second["flops_per_step_per_device"])
+           if first["flops_per_step_per_device"] and second["flops_per_step_per_device"]
+           else None}
+  print_table([ratio], list(ratio), f"{first['mode']} / {second['mode']} (same run, same device)")
+  return {"first": first, "second": second, **ratio}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +414,7 @@ def main(argv):
   config = FLAGS.config
   if mode != "efficiency" and config is None:
     raise app.UsageError(f"--mode={mode} needs --config")
-  result = {"efficiency": lambda: bench_efficiency(), "step": lambda: bench_step(config),
+  result = {"efficiency": lambda: bench_efficiency(), "step": lambda: bench_steps(config),
             "input": lambda: bench_input(config), "embed": lambda: bench_embed(config),
             "eval": lambda: bench_eval(config)}[mode]()
   result["command"] = " ".join(sys.argv)

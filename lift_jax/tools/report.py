@@ -87,6 +87,31 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def text_encoder_gaps(root: str, result: dict[str, Any]) -> dict[str, float]:
+  """Per compositional subset, the mean cosine between the positive and the negative caption
+  under LIFT's frozen text encoder (from its text bank). Near 1, the fixed text side barely tells
+  them apart, which bounds what LIFT can learn there."""
+  import numpy as np
+
+  from eval.texts import read_sugarcrepe
+  from lift_jax.data import records
+
+  with open(os.path.join(root, "lift", "config.json"), encoding="utf-8") as f:
+    bank = json.load(f)["evals"].get("text_bank")
+  out = {}
+  for name, settings in result.get("benchmarks", {}).items():
+    if settings.get("type") != "sugarcrepe" or not bank or not os.path.isdir(bank):
+      continue
+    index, vectors, _ = records.load_text_bank(bank)
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for subset, rows_ in read_sugarcrepe(settings["data_dir"]).items():
+      cos = [float(vectors[index[p]] @ vectors[index[n]]) for _, p, n in rows_
+             if p in index and n in index]
+      if cos:
+        out[f"{name}/{subset}"] = sum(cos) / len(cos)
+  return out
+
+
 def training_cost(workdir: str) -> dict[str, Any]:
   metrics = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   train = [m for m in metrics if "loss" in m and "step_time_s" in m]
@@ -146,7 +171,17 @@ def plots(root: str, results, costs) -> list[str]:
 
 
 def write_report(root: str, results: dict[str, dict[str, Any]], timings: dict[str, float],
-                 quick: bool = False) -> str:
+                 quick: bool = False, reused: list[str] = ()) -> str:
+  """Writes root/report.md (+ report.json, plots). Stages in ``reused`` were complete already:
+  their wall time is taken from the previous report, where there is one."""
+  previous = {}
+  if os.path.exists(os.path.join(root, "report.json")):
+    with open(os.path.join(root, "report.json"), encoding="utf-8") as f:
+      previous = json.load(f).get("timings", {})
+  timings = dict(timings)
+  for stage in reused:
+    if stage in previous:
+      timings[stage] = previous[stage]
   costs = {name: training_cost(os.path.join(root, name)) for name in results}
   images = plots(root, results, costs)
   lines = ["# LIFT vs CLIP on the synthetic compositional set", ""]
@@ -168,6 +203,16 @@ def write_report(root: str, results: dict[str, dict[str, Any]], timings: dict[st
   for r in rows(results):
     if "lift" in r and "clip" in r:
       lines.append(f"| {r['metric']} | {_pct(r['lift'])} | {_pct(r['clip'])} | {r['lift'][3]} |")
+  gaps = text_encoder_gaps(root, results["lift"])
+  if gaps:
+    lines += ["", "### How far apart the frozen encoder puts the captions", "",
+              "Mean cosine similarity between the positive and the negative caption of each "
+              "compositional sample, under LIFT's frozen text encoder. LIFT's image embedding "
+              "must fall closer to the positive; when the two captions' embeddings are nearly "
+              "equal, the fixed text side leaves almost no room to do so (a text tower trained "
+              "on these captions can move them apart).", "",
+              "| subset | mean cos(positive, negative) |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in gaps.items()]
   lines += ["", "![per-metric accuracy](accuracy.png)", "", "## Training cost", "",
             "| | LIFT | CLIP |", "|---|---|---|"]
   fmt = {"steps": "{:d}", "batch_size": "{:d}", "step_time_s": "{:.3f}",
@@ -187,8 +232,10 @@ def write_report(root: str, results: dict[str, dict[str, Any]], timings: dict[st
     lines.append(f"| LIFT / CLIP FLOPs per step | {ratio:.2f} | |")
   lines += ["", "![training loss](loss.png)", "", "## Wall time of the stages", "",
             "| stage | seconds |", "|---|---|"]
-  lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-  lines += ["", "Stages reused from an earlier run show 0 s. TensorBoard logs: "
+  lines += [f"| {k} | {v:.0f}{' (earlier run, reused now)' if k in reused else ''} |"
+            for k, v in timings.items()]
+  lines += ["", "The preparation stage checks and reuses finished data and embeddings (its "
+            "logs say which). TensorBoard logs: "
             "`tensorboard --logdir " + root + "`.", "",
             "Files: `lift/` and `clip/` (checkpoints, metrics.jsonl, tensorboard/, "
             "eval/demo-metrics-*.json), `data/synthetic/` (shards, embeddings, text bank), "
@@ -198,6 +245,7 @@ def write_report(root: str, results: dict[str, dict[str, Any]], timings: dict[st
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(root, "report.json"), "w", encoding="utf-8") as f:
     json.dump({"results": {k: v["metrics"] for k, v in results.items()},
+               "text_encoder_gaps": gaps,
                "costs": {k: {kk: vv for kk, vv in v.items() if kk != "loss_curve"}
                          for k, v in costs.items()},
                "timings": timings, "quick": quick}, f, indent=1)
