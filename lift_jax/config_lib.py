@@ -32,7 +32,7 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1,
                                       "num_devices": config_dict.placeholder(int)})
-  c.sharding_rules = [(".*", "replicated")]
+  c.sharding_rules = ((".*", "replicated"),)
 
   m = c.model = ml_collections.ConfigDict()
   m.mode = mode

@@ -101,7 +101,7 @@ def test_eight_devices_equal_one(data, tmp_path, mesh):
     c.mesh.data, c.mesh.fsdp = m["data"], m["fsdp"]
     c.mesh.num_devices = m.get("num_devices")
     if m["fsdp"] > 1:
-      c.sharding_rules = [(".*", "fsdp")]
+      c.sharding_rules = ((".*", "fsdp"),)
     train.train_and_evaluate(c, str(tmp_path / name))
     results[name] = (final_params(str(tmp_path / name))[0],
                      [r["loss"] for r in read_jsonl(str(tmp_path / name / "metrics.jsonl"))])
