@@ -183,7 +183,7 @@ def write_report(root: str, results: dict[str, dict[str, Any]], timings: dict[st
     if stage in previous:
       timings[stage] = previous[stage]
   costs = {name: training_cost(os.path.join(root, name)) for name in results}
-  images = plots(root, results, costs)
+  plots(root, results, costs)  # loss.png, accuracy.png, linked below
   lines = ["# LIFT vs CLIP on the synthetic compositional set", ""]
   if quick:
     lines += ["*Quick run: a handful of steps on a small set; the numbers show that every stage "
