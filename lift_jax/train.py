@@ -121,13 +121,9 @@ def make_train_step(graphdef, config, tx, schedule):
 # ==============================================================================================
 
 
-def _config_dict(config) -> dict[str, Any]:
-  return ckpt.config_to_dict(config)
-
-
 def check_compatible(saved: dict[str, Any], config) -> None:
   """Refuses to resume a workdir whose checkpoints were made for another model or batch shape."""
-  current = _config_dict(config)
+  current = ckpt.config_to_dict(config)
   diffs = []
 
   def compare(a, b, path):
@@ -286,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = prepare.prepare_data(config, workdir)
   if primary:
     with open(config_file, "w", encoding="utf-8") as f:
-      json.dump(_config_dict(config), f, indent=1)
+      json.dump(ckpt.config_to_dict(config), f, indent=1)
 
   # ---------------------------------------------------------------- mesh
   mesh = make_mesh(config)
@@ -355,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.TRAIN: ckpt.ocp.args.StandardSave(
             {k: v for k, v in state.items() if k != "params"}),
         ckpt.DATA: grain.checkpoint.CheckpointSave(batches),
-        ckpt.CONFIG: ckpt.ocp.args.JsonSave(_config_dict(config))}), force=force)
+        ckpt.CONFIG: ckpt.ocp.args.JsonSave(ckpt.config_to_dict(config))}), force=force)
 
   def evaluate(step: int) -> dict[str, float]:
     if runner is None:

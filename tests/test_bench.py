@@ -73,3 +73,22 @@ def test_input_mode(tmp_path):
   assert [r["workers"] for r in result["rows"]] == [0, 1]
   assert all(r["img_per_s"] > 0 for r in result["rows"])
   assert result["host_transform"]["decode_crop_img_per_s_per_core"] > 0
+
+
+def test_eval_mode_times_each_benchmark(tmp_path):
+  from conftest import shared_data
+  from eval.texts import caption_texts
+  from eval_fixtures import write_bank
+
+  captions = shared_data("flickr8k_subset", "captions.tsv")
+  bank = write_bank(str(tmp_path / "bank"), caption_texts(captions, first_only=True), dim=16)
+  extra = ("  c.evals.text_bank = " + repr(bank) + "\n"
+           "  c.evals.batch_size = 8\n"
+           "  c.evals.benchmarks = {'f8k': {'type': 'retrieval', 'protocol': 'lift', 'limit': 16,"
+           f" 'captions': {captions!r}, 'image_dir': "
+           f"{shared_data('flickr8k_subset', 'images')!r}}}}}\n")
+  cfg = tiny_config_file(tmp_path, "lift", extra=extra)
+  result, _ = bench(tmp_path, f"--config={cfg}", "--mode=eval", f"--workdir={tmp_path / 'w'}")
+  (row,) = result["rows"]
+  assert row["benchmark"] == "f8k" and row["seconds"] > 0
+  assert row["f8k/num_images"] == 16 and 0 <= row["f8k/i2t_r1"] <= 1

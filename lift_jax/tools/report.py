@@ -141,13 +141,8 @@ def plots(root: str, results, costs) -> list[str]:
     steps, losses = zip(*cost["loss_curve"]) if cost["loss_curve"] else ((), ())
     ax.plot(steps, losses, label=name.upper(), color=colors[name])
   ax.set_xlabel("step")
-  ax.set_ylabel("contrastive loss (training batch)")
-  ax.set_title("Training loss")
-  ax.legend()
-  fig.tight_layout()
-  files.append(os.path.join(root, "loss.png"))
-  fig.savefig(files[-1], dpi=120)
-  plt.close(fig)
+  files.append(_finish(fig, ax, "contrastive loss (training batch)", "Training loss",
+                       os.path.join(root, "loss.png")))
 
   table = [r for r in rows(results) if "lift" in r and "clip" in r]
   fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(table) + 2), 4))
@@ -160,14 +155,21 @@ def plots(root: str, results, costs) -> list[str]:
     ax.bar(xs, ps, width, yerr=err, capsize=2, label=name.upper(), color=colors[name])
   ax.set_xticks(range(len(table)))
   ax.set_xticklabels([r["metric"] for r in table], rotation=60, ha="right", fontsize=8)
-  ax.set_ylabel("% (95% Wilson interval)")
-  ax.set_title("Evaluation on the synthetic sets")
+  files.append(_finish(fig, ax, "% (95% Wilson interval)", "Evaluation on the synthetic sets",
+                       os.path.join(root, "accuracy.png")))
+  return files
+
+
+def _finish(fig, ax, ylabel: str, title: str, path: str) -> str:
+  import matplotlib.pyplot as plt
+
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  files.append(os.path.join(root, "accuracy.png"))
-  fig.savefig(files[-1], dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
-  return files
+  return path
 
 
 def write_report(root: str, results: dict[str, dict[str, Any]], timings: dict[str, float],
