@@ -43,11 +43,13 @@ import os
 from typing import Any, Iterator, Mapping
 
 from eval import texts as T
+from lift_jax import cli
 
 ZEROSHOT_PROTOCOLS = ("lift", "openai", "custom")
 RETRIEVAL_PROTOCOLS = ("lift", "standard")
 
 
+@cli.user_error
 class BenchmarkConfigError(ValueError):
   """A benchmark entry of the config is wrong; the message names the benchmark and field."""
 

@@ -30,11 +30,13 @@ import numpy as np
 from eval import benchmarks, metrics
 from eval import texts as T
 from eval.predictor import Predictor
+from lift_jax import cli
 from lift_jax.data import records, transforms
 
 logger = logging.getLogger(__name__)
 
 
+@cli.user_error
 class MissingImagesError(FileNotFoundError):
   """Images a benchmark needs are not in its image folder; the message names them."""
 

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image
 
+from lift_jax import cli
 from lift_jax import sharding as shd
 from lift_jax.data import records, transforms
 
@@ -39,10 +40,12 @@ BANK_HELP = (
     "(embed/configs/nvembed_v2.py for NV-Embed-v2), and set config.evals.text_bank=DIR.")
 
 
+@cli.user_error
 class ImageLoadError(ValueError):
   """An image could not be read or decoded; the message names it."""
 
 
+@cli.user_error
 class TextBankError(ValueError):
   """The text bank is missing, unreadable, of the wrong width or lacks texts."""
 

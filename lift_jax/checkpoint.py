@@ -25,10 +25,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lift_jax import cli
+
 PARAMS, TRAIN, DATA, CONFIG = "params", "train", "data", "config"
 CHECKPOINTS = "checkpoints"
 
 
+@cli.user_error
 class CheckpointError(ValueError):
   """A checkpoint is missing, incomplete or does not fit the config; the message says which."""
 

@@ -20,6 +20,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from lift_jax import cli
 from lift_jax import checkpoint as ckpt
 from lift_jax import config_lib, losses, optim, sharding
 from lift_jax.data import pipeline, transforms
@@ -30,6 +31,7 @@ from lift_jax.models.two_tower import LOGIT_SCALE_MAX, TwoTower
 NON_SHAPE_MODEL_FIELDS = ("dtype", "remat", "attention_impl")
 
 
+@cli.user_error
 class TrainingError(RuntimeError):
   """The run cannot go on (non-finite loss, too many bad records, incompatible workdir)."""
 

@@ -77,6 +77,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
 
+from lift_jax import cli
 from lift_jax.data import records
 from lift_jax.data import transforms
 
@@ -86,6 +87,7 @@ _EXAMPLES = 5  # example keys kept per reason in reports
 SAMPLES_PER_SHARD = 10_000  # --num_shards=0 picks ceil(N / this)
 
 
+@cli.user_error
 class ConvertError(ValueError):
   """The input or the output folder is not usable; the message names the file or key."""
 

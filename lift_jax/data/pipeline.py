@@ -33,12 +33,14 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from lift_jax import cli
 from lift_jax.data import records, transforms
 
 REASONS = ("ok", "bad_image", "nan_embedding", "flagged_embedding", "missing_caption",
            "large_image")
 
 
+@cli.user_error
 class PipelineError(ValueError):
   """The data does not match the config or the record contract; the message names the file."""
 

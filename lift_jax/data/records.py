@@ -42,6 +42,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import msgpack
 import numpy as np
 
+from lift_jax import cli
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IMAGES = "images"
@@ -51,6 +53,7 @@ STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8")
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.array_record$")
 
 
+@cli.user_error
 class RecordError(ValueError):
   """A shard, record or manifest is not what the format promises. The message names it."""
 

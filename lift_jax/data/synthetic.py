@@ -82,6 +82,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lift_jax import cli
 from lift_jax.data import convert
 from lift_jax.data import records
 
@@ -118,6 +119,7 @@ _TRAIN, _EVAL_PAIRS, _EVAL_SINGLES, _EVAL_CAPTIONS = 0, 1, 2, 3
 log = logging.getLogger(__name__)
 
 
+@cli.user_error
 class SyntheticSetError(ValueError):
   """An existing synthetic set in the output folder was made with other settings."""
 

@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile
 
+from lift_jax import cli
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,6 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey half image
 
 
+@cli.user_error
 class DecodeError(ValueError):
   """The bytes are not a decodable image."""
 

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lift_jax import cli
+
 # Buffers that are not parameters (OpenCLIP registers the causal mask as a buffer).
 IGNORED = (r"^attn_mask$", r"^text\.attn_mask$")
 
@@ -36,6 +38,7 @@ _BLOCK = {
 _LN = {"weight": "scale", "bias": "bias"}
 
 
+@cli.user_error
 class StateDictError(ValueError):
   """The state dict does not fit the model; the message lists every problem."""
 

@@ -1,0 +1,58 @@
+"""How every command reports a failure the user can fix: one line, no stack trace.
+
+Each module keeps its own error type (``RecordError``, ``TrainingError``, ``EmbedError``...), written
+so that its message names the file, record or key and what to do. A command's ``main`` is wrapped by
+:func:`run`, which prints those errors as ``<command>: error: <message>`` and exits with status 1.
+Anything else is a bug and keeps its traceback. ``LIFT_VERBOSE=1`` (or ``--verbose`` for commands
+that define it) shows the traceback of user errors too.
+
+This module imports nothing heavy: the PyTorch embedding job uses it without JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Iterable
+
+# Registered error types: subclasses of these are printed as one line.
+_USER_ERRORS: list[type[BaseException]] = []
+
+
+def user_error(cls: type[BaseException]) -> type[BaseException]:
+  """Class decorator: errors of this type carry a message meant for the user."""
+  if cls not in _USER_ERRORS:
+    _USER_ERRORS.append(cls)
+  return cls
+
+
+def verbose() -> bool:
+  return os.environ.get("LIFT_VERBOSE", "").lower() not in ("", "0", "false", "no")
+
+
+def describe(e: BaseException) -> str | None:
+  """The one-line message for a user error, or None when ``e`` is a bug (keep its traceback).
+
+  OS errors (permission denied, disk full, missing file) are the user's to fix too; their message
+  is rebuilt so that it always names the path.
+  """
+  if isinstance(e, tuple(_USER_ERRORS)):
+    return str(e).strip()
+  if isinstance(e, OSError):
+    what = e.strerror or str(e)
+    paths = [p for p in (e.filename, e.filename2) if p]
+    return f"{what}: {' -> '.join(map(str, paths))}" if paths else what
+  return None
+
+
+def run(command: str, main: Callable[..., int | None], *args, extra: Iterable[type] = (),
+        **kwargs) -> int:
+  """Calls ``main``; a user error becomes one line on stderr and exit status 1."""
+  try:
+    return main(*args, **kwargs) or 0
+  except Exception as e:  # noqa: BLE001 - re-raised unless it is a user error
+    message = str(e).strip() if isinstance(e, tuple(extra)) else describe(e)
+    if message is None or verbose():
+      raise
+    print(f"{command}: error: {message}", file=sys.stderr, flush=True)
+    return 1
