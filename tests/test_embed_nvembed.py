@@ -206,7 +206,8 @@ def test_backbone_is_bidirectional(checkpoint):
   second = list(first)
   second[-2] = first[-2] + 1  # only the last word differs
   width = len(first)
-  batch, mask = encoders.pad_ids([first, second], enc.eos_id, "right")
+  longer = first + first  # padding in the batch, as in every real batch
+  batch, mask = encoders.pad_ids([first, second, longer], enc.eos_id, "right")
   with torch.no_grad():
     hidden = enc.model.backbone(batch, mask)
   early = float((hidden[0, 1] - hidden[1, 1]).abs().max())
