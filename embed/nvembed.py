@@ -446,40 +446,46 @@ while during next under there here very""".split()
 
 def write_tokenizer(folder: str, *, bos: str | None = "<s>", eos: str = "</s>",
                     unk: str | None = "<unk>", pad: str | None = None, add_bos: bool = True,
-                    add_eos: bool = False, padding_side: str = "right",
+                    suffix: str | None = None, byte_level: bool = False,
+                    padding_side: str = "right", tokenizer_class: str = "PreTrainedTokenizerFast",
                     vocab_size: int = 600) -> None:
-  """A small BPE tokenizer (trained here on a built-in word list; Metaspace pre-tokenisation as
-  Llama/Mistral's) saved as tokenizer.json + tokenizer_config.json, loadable with
-  ``AutoTokenizer.from_pretrained(folder)``. ``add_bos`` prefixes BOS (Mistral), ``add_eos``
-  appends EOS (Qwen3-Embedding's tokenizer does)."""
+  """A small BPE tokenizer, trained here on a built-in word list, saved as tokenizer.json +
+  tokenizer_config.json so that ``AutoTokenizer.from_pretrained(folder)`` loads it.
+
+  Mistral/Llama style by default (Metaspace pieces, BOS prefixed, nothing appended);
+  ``byte_level=True, add_bos=False, suffix="<|endoftext|>"`` is Qwen3-Embedding's (byte-level
+  pieces, the end-of-text token appended by the tokenizer itself).
+  """
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-  specials = [t for t in (unk, bos, eos, pad) if t is not None]
-  specials = list(dict.fromkeys(specials))
+  specials = list(dict.fromkeys(t for t in (unk, bos, eos, pad, suffix) if t is not None))
   tok = Tokenizer(models.BPE(unk_token=unk))
-  tok.pre_tokenizer = pre_tokenizers.Metaspace()
-  tok.decoder = decoders.Metaspace()
+  if byte_level:
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+  else:
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = [chr(i) for i in range(32, 127)]
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                initial_alphabet=[chr(i) for i in range(32, 127)],
-                                show_progress=False)
+                                initial_alphabet=alphabet, show_progress=False)
   tok.train_from_iterator([" ".join(_WORDS[i:i + 12]) for i in range(0, len(_WORDS), 3)] * 4,
                           trainer)
-  single = " ".join(([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"]
-                    + ([f"{eos}:0"] if add_eos else []))
-  used = [t for t in ((bos if add_bos else None), (eos if add_eos else None)) if t]
+  head = [bos] if add_bos and bos else []
+  tail = [suffix] if suffix else []
+  single = " ".join([f"{t}:0" for t in head] + ["$A:0"] + [f"{t}:0" for t in tail])
+  pair = " ".join([f"{t}:0" for t in head] + ["$A:0", "$B:1"] + [f"{t}:1" for t in tail])
   tok.post_processor = processors.TemplateProcessing(
-      single=single, pair=single.replace("$A:0", "$A:0 $B:1"),
-      special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(used)])
+      single=single, pair=pair,
+      special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(head + tail)])
   os.makedirs(folder, exist_ok=True)
   tok.save(os.path.join(folder, "tokenizer.json"))
-  config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
-            "padding_side": padding_side, "model_max_length": 32768,
-            "clean_up_tokenization_spaces": False}
-  for key, value in (("bos_token", bos), ("unk_token", unk), ("pad_token", pad)):
-    if value is not None:
-      config[key] = value
+  config = {"tokenizer_class": tokenizer_class, "eos_token": eos, "bos_token": bos,
+            "unk_token": unk, "pad_token": pad, "padding_side": padding_side,
+            "model_max_length": 32768, "clean_up_tokenization_spaces": False}
   with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2)
+    json.dump({k: v for k, v in config.items() if v is not None}, f, indent=2)
 
 
 def write_checkpoint(folder: str, *, hidden_size: int, intermediate_size: int,
