@@ -312,3 +312,13 @@ def test_random_init_needs_no_weights(tmp_path):
   assert out.shape == (5, TINY["latent_dim"]) and np.isfinite(out).all()
   assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
   assert np.abs(out[0] - out[1]).max() > 1e-3  # different texts, different vectors
+  # Through the job: the manifest says the vectors come from random weights.
+  from embed.configs import nvembed_v2
+
+  texts = tmp_path / "texts.txt"
+  texts.write_text("\n".join(TEXTS[:4]))
+  cfg = nvembed_v2.get_config()
+  cfg.model, cfg.texts, cfg.output, cfg.random_init = folder, str(texts), str(tmp_path / "b"), True
+  cfg.device, cfg.dtype, cfg.progress, cfg.threads = "cpu", "float32", False, 1
+  job.run(cfg)
+  assert json.load(open(tmp_path / "b" / "manifest.json"))["random_init"] is True
