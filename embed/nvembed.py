@@ -511,7 +511,12 @@ def write_checkpoint(folder: str, *, hidden_size: int, intermediate_size: int,
           "num_key_value_heads": num_key_value_heads, "vocab_size": vocab_size,
           "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
           "rope_theta": 10000.0, "sliding_window": 4096, "bos_token_id": 1, "eos_token_id": 2,
-          "tie_word_embeddings": False, "torch_dtype": dtype}
+          "tie_word_embeddings": False, "torch_dtype": dtype,
+          # Fields the released text_config carries from its transformers 4.x serialisation.
+          "_name_or_path": "nvidia/NV-Embed-v2", "add_cross_attention": False,
+          "is_decoder": False, "max_length": 20, "num_beams": 1, "output_attentions": False,
+          "use_bfloat16": False, "torchscript": False, "id2label": {"0": "LABEL_0"},
+          "label2id": {"LABEL_0": 0}}
   latent = {"model_type": "latent_attention", "num_latents_value": num_latents,
             "num_cross_heads": num_cross_heads, "hidden_dim": hidden_size,
             "latent_dim": latent_dim, "cross_dim_head": cross_dim_head, "output_normalize": True}

@@ -200,6 +200,37 @@ def test_checkpoint_has_released_layout(checkpoint):
   assert W["latent_attention_model.latents"].shape == (TINY["num_latents"], d)
 
 
+def test_released_config_gets_nv_embed_defaults(tmp_path):
+  """NV-Embed-v2's config.json sets only model_type in latent_attention_config."""
+
+  def spec_with(layers):
+    text = {"model_type": "bidir_mistral", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "sliding_window": 4096, "max_position_embeddings": 32768}
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "nvembed", "text_config": text,
+        "latent_attention_config": {"model_type": "latent_attention"}}))
+    return nvembed.read_spec(str(tmp_path))
+
+  spec = spec_with(2)
+  assert (spec.num_latents, spec.num_cross_heads, spec.hidden_dim, spec.latent_dim,
+          spec.cross_dim_head, spec.output_normalize) == (512, 8, 4096, 4096, 4096, True)
+  assert (spec.padding_side, spec.is_mask_instruction) == ("right", True)
+  layout = nvembed.state_dict_layout(spec)  # no memory: built on the meta device
+  block = "latent_attention_model.cross_attend_blocks."
+  assert layout[block + "0.fn.to_q.weight"] == (8 * 4096, 4096)
+  assert layout[block + "0.fn.to_kv.weight"] == (2 * 8 * 4096, 4096)
+  assert layout[block + "1.fn.net.0.weight"] == (8 * 4096, 4096)
+  assert layout[block + "1.fn.net.2.weight"] == (4096, 4 * 4096)
+  assert layout["embedding_model.layers.1.self_attn.k_proj.weight"] == (1024, 4096)
+  two = sum(math.prod(s) for s in layout.values())
+  one = sum(math.prod(s) for s in nvembed.state_dict_layout(spec_with(1)).values())
+  params = one + 31 * (two - one)  # the released 32 layers
+  print(f"NV-Embed-v2 architecture: {params / 1e9:.2f}B parameters")
+  assert 7.8e9 < params < 7.9e9  # Mistral-7B without its LM head (7.11B) + pooling (0.74B)
+
+
 def test_backbone_is_bidirectional(checkpoint):
   enc = build(checkpoint)
   first = enc.prepare(["a dog on the grass near a tree"]).inputs[0]
