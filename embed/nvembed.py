@@ -391,6 +391,10 @@ class NVEmbedEncoder(Encoder):
                        "should name eos_token")
     self.eos, self.eos_id = tokenizer.eos_token, tokenizer.eos_token_id
     self.masked = instruction_length(tokenizer, instruction, self.spec)
+    if self.masked >= max_length:  # every text would pool over nothing
+      raise EmbedError(f"config.instruction takes {self.masked} tokens and NV-Embed leaves them "
+                       f"out of the pooling; config.max_length={max_length} leaves no room for "
+                       "the text: raise max_length or shorten the instruction")
     self.dim = self.spec.latent_dim
     self.revision = None
 

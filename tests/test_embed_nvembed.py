@@ -308,6 +308,10 @@ def test_bad_folders_name_the_problem(checkpoint, tmp_path):
   (empty / "config.json").write_text(json.dumps({"model_type": "mistral"}))
   with pytest.raises(EmbedError, match="model_type 'mistral', not 'nvembed'"):
     build(str(empty))
+  with pytest.raises(EmbedError, match="leaves no room for the text"):
+    build(checkpoint, instruction=INSTRUCTION, max_length=5)
+  with pytest.raises(EmbedError, match="cannot fetch nvidia/NV-Embed-v2"):  # offline, not cached
+    build("nvidia/NV-Embed-v2")
   noweights = tmp_path / "noweights"
   nvembed.write_checkpoint(str(noweights), weights=False, **TINY)
   with pytest.raises(EmbedError, match="neither model.safetensors nor"):
