@@ -4,7 +4,7 @@ NV-Embed is a Mistral-7B backbone run **bidirectionally** (every token attends t
 padding is masked), followed by a latent-attention pooling layer:
 
     h  = MistralModel(ids, padding-only mask)                     [b, t, d]
-    h += to_out(attention(q=to_q(LN(h)), k,v=to_kv(LN'(latents))))   latents [r, d] are the keys/values
+    h += to_out(attention(q=to_q(LN(h)), k,v=to_kv(LN'(latents))))   latents [r, d]: keys, values
     h += net.2(GEGLU(net.0(LN''(h))))                             d -> 2*4d -> (x * gelu(gate)) -> d
     e  = mean of h over the pooling mask, then L2 when output_normalize
 
@@ -195,8 +195,8 @@ class LatentAttention(nn.Module):
 
 
 class NVEmbedModel(nn.Module):
-  """``embedding_model`` (transformers' MistralModel, run bidirectionally) + ``latent_attention_model``;
-  parameter names are the checkpoint's."""
+  """``embedding_model`` (transformers' MistralModel, run bidirectionally) and
+  ``latent_attention_model``; parameter names are the checkpoint's."""
 
   def __init__(self, spec: NVEmbedSpec):
     super().__init__()
@@ -235,8 +235,8 @@ def _rebuild_rotary(model: NVEmbedModel, device: torch.device) -> None:
 
 
 def _random_value(name: str, shape: tuple, gen: torch.Generator, device) -> torch.Tensor:
-  """Linear and embedding weights N(0, 1/fan_in) (embeddings N(0, 1)), norm weights
-  1 + N(0, 0.1) with N(0, 0.1) biases (so that a swapped norm changes the output), latents N(0, 1)."""
+  """Linear weights N(0, 1/fan_in), embeddings and latents N(0, 1), norm weights 1 + N(0, 0.1)
+  with N(0, 0.1) biases (so that a swapped norm changes the output)."""
   noise = torch.randn(shape, generator=gen, device=device)
   parts = name.split(".")
   if parts[-1] == "latents" or name.endswith("embed_tokens.weight"):
@@ -288,7 +288,8 @@ def weight_files(folder: str) -> dict[str, str]:
         weight_map = json.load(f)["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
       raise EmbedError(f"cannot read the weight map of {index}: {e}") from None
-    missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})
+    missing = sorted({f for f in weight_map.values()
+                      if not os.path.isfile(os.path.join(folder, f))})
     if missing:
       raise EmbedError(f"{index} names shard(s) {missing} that are not in {folder}; download "
                        "the whole checkpoint again")

@@ -73,7 +73,8 @@ def rotate(x, cos, sin):
 
 def reference_token_states(W, text_cfg, ids):
   """Bidirectional Mistral over one unpadded sequence: [T, d]."""
-  d, nh, nkv = text_cfg["hidden_size"], text_cfg["num_attention_heads"], text_cfg["num_key_value_heads"]
+  d, nh = text_cfg["hidden_size"], text_cfg["num_attention_heads"]
+  nkv = text_cfg["num_key_value_heads"]
   hd, eps, T = d // nh, text_cfg["rms_norm_eps"], len(ids)
   inv = 1.0 / (text_cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
   angles = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
