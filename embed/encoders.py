@@ -175,6 +175,9 @@ class PooledEncoder(Encoder):
     # right padding, also for models with absolute position embeddings.
     params = inspect.signature(model.forward).parameters
     self.takes_positions = "position_ids" in params
+    # Decoders keep a key/value cache by default (GBs at 7B on long batches); one forward needs
+    # none.
+    self.takes_use_cache = "use_cache" in params
     self.dim = int(model.config.hidden_size)
     self.revision = getattr(model.config, "_commit_hash", None)
 
@@ -202,6 +205,8 @@ class PooledEncoder(Encoder):
     kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
     if self.takes_positions:
       kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(self.device)
+    if self.takes_use_cache:
+      kwargs["use_cache"] = False
     out = self.model(**kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return pool(hidden.float(), kwargs["attention_mask"], self.pooling).cpu().numpy()

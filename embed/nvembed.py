@@ -218,7 +218,8 @@ class NVEmbedModel(nn.Module):
     mask = torch.zeros(keep.shape, dtype=dtype, device=input_ids.device)
     mask = mask.masked_fill(~keep, torch.finfo(dtype).min).expand(b, 1, t, t)
     positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    out = self.embedding_model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    out = self.embedding_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                               use_cache=False)  # no key/value cache: one forward per text
     return out.last_hidden_state
 
   def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -131,3 +131,17 @@ def test_known_hub_ids():
     assert ref.source == f"Qwen/Qwen3-Embedding-{size}" and ref.default_encoder == "last_token"
   assert encoders.resolve_model(qwen3_embedding.get_config().model).default_encoder == "last_token"
   assert encoders.resolve_model(e5_mistral.get_config().model).default_encoder == "last_token"
+
+
+def test_no_key_value_cache(qwen3):
+  """One forward per batch: a decoder's key/value cache would only take memory (GBs at 7B)."""
+  folder, _ = qwen3
+  enc = encoders.build_encoder("last_token", encoders.resolve_model(folder), "", "float32",
+                               torch.device("cpu"), "", 32, False, "left", False)
+  outputs = []
+  hook = enc.model.register_forward_hook(lambda m, args, out: outputs.append(out))
+  try:
+    enc.encode(enc.prepare(["a dog", "two cats on a red couch"]).inputs)
+  finally:
+    hook.remove()
+  assert outputs and getattr(outputs[0], "past_key_values", None) is None
