@@ -42,6 +42,11 @@ INDEX_FILE = "model.safetensors.index.json"
 # model_type, so these are what the released checkpoints use.
 LATENT_DEFAULTS = {"num_latents_value": 512, "num_cross_heads": 8, "hidden_dim": 4096,
                    "latent_dim": 4096, "cross_dim_head": 4096, "output_normalize": True}
+# The released NV-Embed-v1/v2 sizes, as write_checkpoint takes them: Mistral-7B (without its LM
+# head) and the latent-attention pooling, 7.85B parameters.
+NV_EMBED_V2 = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                   num_latents=512, latent_dim=4096, num_cross_heads=8, cross_dim_head=4096)
 # Top-level fields of NVEmbedConfig and their defaults.
 TOP_DEFAULTS = {"padding_side": "right", "is_mask_instruction": True, "add_eos": True,
                 "add_pad_token": True}
@@ -461,6 +466,10 @@ def write_tokenizer(folder: str, *, bos: str | None = "<s>", eos: str = "</s>",
   Mistral/Llama style by default (Metaspace pieces, BOS prefixed, nothing appended);
   ``byte_level=True, add_bos=False, suffix="<|endoftext|>"`` is Qwen3-Embedding's (byte-level
   pieces, the end-of-text token appended by the tokenizer itself).
+
+  Its vocabulary is small, so its pieces are short: about 2.1 tokens per word on Flickr8k
+  captions, more than a real LLM tokenizer gives. Costs measured with it are right per token,
+  not per caption.
   """
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -504,7 +513,12 @@ def write_checkpoint(folder: str, *, hidden_size: int, intermediate_size: int,
   text_config = Mistral, latent_attention_config), a tokenizer, and (``weights``) random weights
   under the real tensor names in model.safetensors, or in shards of at most ``max_shard_bytes``
   with model.safetensors.index.json. ``weights=False`` writes no weights, for
-  ``config.random_init`` (the architecture's cost without its 15 GB of weights)."""
+  ``config.random_init`` (the architecture's cost without its 15 GB of weights):
+
+      write_checkpoint(folder, **NV_EMBED_V2, weights=False)
+      python -m embed.main --config=embed/configs/nvembed_v2.py --config.model=FOLDER \
+          --config.random_init=True --config.dtype=bfloat16 ...
+  """
   from safetensors.torch import save_file
 
   if latent_dim != hidden_size:

@@ -204,7 +204,7 @@ def test_checkpoint_has_released_layout(checkpoint):
 def test_released_config_gets_nv_embed_defaults(tmp_path):
   """NV-Embed-v2's config.json sets only model_type in latent_attention_config."""
 
-  def spec_with(layers):
+  def spec_with(layers):  # NV-Embed-v2's text_config, with fewer layers
     text = {"model_type": "bidir_mistral", "hidden_size": 4096, "intermediate_size": 14336,
             "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 8,
             "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -230,6 +230,12 @@ def test_released_config_gets_nv_embed_defaults(tmp_path):
   params = one + 31 * (two - one)  # the released 32 layers
   print(f"NV-Embed-v2 architecture: {params / 1e9:.2f}B parameters")
   assert 7.8e9 < params < 7.9e9  # Mistral-7B without its LM head (7.11B) + pooling (0.74B)
+  # The sizes write_checkpoint is given for the 7B throughput measurement are the same.
+  folder = nvembed.write_checkpoint(str(tmp_path / "v2"), weights=False, **nvembed.NV_EMBED_V2)
+  written = nvembed.state_dict_layout(nvembed.read_spec(folder))
+  assert sum(math.prod(s) for s in written.values()) == params
+  assert ({k: v for k, v in written.items() if ".layers." not in k}
+          == {k: v for k, v in layout.items() if ".layers." not in k})
 
 
 def test_backbone_is_bidirectional(checkpoint):
