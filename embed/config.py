@@ -29,7 +29,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.normalize = True  # L2-normalise the vectors before storage
   c.append_eos = False  # last_token/mean/cls: append the EOS id after truncation (e5-style models)
   c.padding_side = ""  # left | right; "" = the tokenizer's own
-  c.trust_remote_code = False  # nv_embed always trusts the model's code
+  c.trust_remote_code = False  # last_token/mean/cls only; nv_embed never runs a model's own code
+  # Build the architecture of the model's config.json with random weights instead of loading
+  # them (no weights need to be present): the cost of an encoder without downloading it. The
+  # vectors are meaningless; the manifest records random_init.
+  c.random_init = False
   c.dtype = "auto"  # compute: float32 | float16 | bfloat16; auto = float16 on GPU, else float32
   c.device = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
 

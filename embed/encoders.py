@@ -2,11 +2,13 @@
 
 Four kinds, chosen by ``config.encoder``:
 
-* ``nv_embed``   a ``trust_remote_code`` model with its own ``encode(texts, instruction=...,
-                 max_length=...)`` (NV-Embed-v2): it prefixes the instruction, appends EOS,
-                 tokenises, truncates and pools with its latent-attention layer.
-* ``last_token`` decoder LLMs (SFR-/Linq-Embed-Mistral, gte-Qwen, raw Mistral or Vicuna): the final
-                 hidden state at the last non-pad position, whichever side the padding is on.
+* ``nv_embed``   NV-Embed v1/v2 (:mod:`embed.nvembed`): transformers' Mistral run bidirectionally
+                 plus NV-Embed's latent-attention pooling, built natively from the checkpoint's
+                 config.json and safetensors (its own Python files are never run). Tokenised as
+                 NV-Embed's ``encode()``: instruction + text + EOS, truncated at ``max_length``.
+* ``last_token`` decoder LLMs (Qwen3-Embedding, e5-mistral, SFR-/Linq-Embed-Mistral, gte-Qwen, raw
+                 Mistral or Vicuna): the final hidden state at the last non-pad position, whichever
+                 side the padding is on.
 * ``mean``       encoder models (sentence-transformers): the mask-weighted mean of the final states.
 * ``cls``        the final hidden state at the first non-pad position.
 
@@ -37,6 +39,9 @@ KNOWN_MODELS = {
     "alibaba-nlp/gte-qwen2-7b-instruct": ("Alibaba-NLP/gte-Qwen2-7B-instruct", "last_token"),
     "alibaba-nlp/gte-qwen2-1.5b-instruct": ("Alibaba-NLP/gte-Qwen2-1.5B-instruct", "last_token"),
     "intfloat/e5-mistral-7b-instruct": ("intfloat/e5-mistral-7b-instruct", "last_token"),
+    "qwen/qwen3-embedding-0.6b": ("Qwen/Qwen3-Embedding-0.6B", "last_token"),
+    "qwen/qwen3-embedding-4b": ("Qwen/Qwen3-Embedding-4B", "last_token"),
+    "qwen/qwen3-embedding-8b": ("Qwen/Qwen3-Embedding-8B", "last_token"),
     "mistralai/mistral-7b-v0.1": ("mistralai/Mistral-7B-v0.1", "last_token"),
     "lmsys/vicuna-7b-v1.5": ("lmsys/vicuna-7b-v1.5", "last_token"),
     "sentence-transformers/all-minilm-l6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "mean"),
@@ -170,6 +175,9 @@ class PooledEncoder(Encoder):
     # right padding, also for models with absolute position embeddings.
     params = inspect.signature(model.forward).parameters
     self.takes_positions = "position_ids" in params
+    # Decoders keep a key/value cache by default (GBs at 7B on long batches); one forward needs
+    # none.
+    self.takes_use_cache = "use_cache" in params
     self.dim = int(model.config.hidden_size)
     self.revision = getattr(model.config, "_commit_hash", None)
 
@@ -189,14 +197,7 @@ class PooledEncoder(Encoder):
     return Prepared([list(x) for x in ids], [len(x) for x in ids], truncated)
 
   def pad(self, inputs: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in inputs)
-    ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(inputs), width), dtype=torch.long)
-    for row, x in enumerate(inputs):
-      cols = slice(width - len(x), width) if self.padding_side == "left" else slice(0, len(x))
-      ids[row, cols] = torch.tensor(x, dtype=torch.long)
-      mask[row, cols] = 1
-    return ids, mask
+    return pad_ids(inputs, self.pad_id, self.padding_side)
 
   @torch.inference_mode()
   def encode(self, inputs: Sequence[list[int]]) -> np.ndarray:
@@ -204,9 +205,24 @@ class PooledEncoder(Encoder):
     kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
     if self.takes_positions:
       kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(self.device)
+    if self.takes_use_cache:
+      kwargs["use_cache"] = False
     out = self.model(**kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return pool(hidden.float(), kwargs["attention_mask"], self.pooling).cpu().numpy()
+
+
+def pad_ids(inputs: Sequence[list[int]], pad_id: int, side: str
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+  """Token id lists -> (ids, 0/1 mask), both long [n, longest], padded on ``side``."""
+  width = max(len(x) for x in inputs)
+  ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
+  mask = torch.zeros((len(inputs), width), dtype=torch.long)
+  for row, x in enumerate(inputs):
+    cols = slice(width - len(x), width) if side == "left" else slice(0, len(x))
+    ids[row, cols] = torch.tensor(x, dtype=torch.long)
+    mask[row, cols] = 1
+  return ids, mask
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -222,38 +238,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
     return hidden[rows, last]
   raise EmbedError(f"unknown pooling {pooling!r}")
-
-
-class NVEmbedEncoder(Encoder):
-  """A model with its own ``encode(texts, instruction=, max_length=)``, e.g. NV-Embed-v2.
-
-  The model prefixes the instruction, appends its EOS token and truncates to ``max_length``;
-  :meth:`prepare` only measures the same string with the same tokenizer, for batching and for
-  counting truncated texts.
-  """
-
-  def __init__(self, model, tokenizer, instruction: str, max_length: int):
-    self.model, self.tokenizer = model, tokenizer
-    self.instruction, self.max_length = instruction, max_length
-    self.eos = tokenizer.eos_token or ""
-    config = getattr(model, "config", None)
-    self.revision = getattr(config, "_commit_hash", None)
-    self.dim = int(self.encode(["a photo"]).shape[1])
-
-  def prepare(self, texts: Sequence[str]) -> Prepared:
-    full = [self.instruction + t + self.eos for t in texts]
-    ids = self.tokenizer(full, add_special_tokens=True, truncation=False,
-                         verbose=False)["input_ids"]
-    lengths = [len(x) for x in ids]
-    return Prepared(list(texts), [min(n, self.max_length) for n in lengths],
-                    [n > self.max_length for n in lengths])
-
-  @torch.inference_mode()
-  def encode(self, inputs: Sequence[str]) -> np.ndarray:
-    out = self.model.encode(list(inputs), instruction=self.instruction, max_length=self.max_length)
-    if isinstance(out, torch.Tensor):
-      return out.float().cpu().numpy()
-    return np.asarray(out, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,15 +256,60 @@ def load_tokenizer(source: str, revision: str | None, trust_remote_code: bool):
 
 
 def load_model(source: str, revision: str | None, dtype: str, trust_remote_code: bool,
-               device: torch.device):
-  from transformers import AutoModel
+               device: torch.device, random_init: bool = False):
+  from transformers import AutoConfig, AutoModel
 
   try:
-    model = AutoModel.from_pretrained(source, revision=revision, dtype=TORCH_DTYPES[dtype],
-                                      trust_remote_code=trust_remote_code)
+    if random_init:  # the architecture of config.json, random weights: for measuring cost
+      config = AutoConfig.from_pretrained(source, revision=revision,
+                                          trust_remote_code=trust_remote_code)
+      torch.manual_seed(0)
+      model = AutoModel.from_config(config, dtype=TORCH_DTYPES[dtype],
+                                    trust_remote_code=trust_remote_code)
+    else:
+      model = AutoModel.from_pretrained(source, revision=revision, dtype=TORCH_DTYPES[dtype],
+                                        trust_remote_code=trust_remote_code)
   except (OSError, ValueError) as e:
     raise EmbedError(f"cannot load the model {source}: {e}") from None
   return model.to(device).eval()
+
+
+def checkpoint_folder(ref: ModelRef, revision: str | None, weights: bool = True) -> str:
+  """A local folder holding the checkpoint's config, tokenizer and (``weights``) safetensors; a hub
+  id is downloaded (or found in the cache), without the checkpoint's Python files."""
+  if ref.is_local:
+    return ref.source
+  from huggingface_hub import snapshot_download
+
+  patterns = ["*.json", "tokenizer*", "*.model"] + (["*.safetensors"] if weights else [])
+  try:
+    return snapshot_download(ref.source, revision=revision, allow_patterns=patterns)
+  except Exception as e:  # noqa: BLE001 - hub errors have many types; each is the user's to fix
+    raise EmbedError(f"cannot fetch {ref.source} from the Hugging Face hub ({type(e).__name__}: "
+                     f"{e}); download it and set config.model to its folder") from None
+
+
+def load_nv_embed(ref: ModelRef, revision: str | None, dtype: str, device: torch.device,
+                  instruction: str, max_length: int, random_init: bool) -> Encoder:
+  from embed import nvembed
+
+  folder = checkpoint_folder(ref, revision, weights=not random_init)
+  spec = nvembed.read_spec(folder)
+  if random_init:
+    model = nvembed.random_model(spec, TORCH_DTYPES[dtype], device)
+  else:
+    model = nvembed.load_model(folder, TORCH_DTYPES[dtype], device)
+  from transformers.utils import logging as hf_logging
+
+  level = hf_logging.get_verbosity()
+  hf_logging.set_verbosity_error()  # AutoTokenizer notes that config.json is not a tokenizer's
+  try:
+    tokenizer = load_tokenizer(folder, None, False)
+  finally:
+    hf_logging.set_verbosity(level)
+  encoder = nvembed.NVEmbedEncoder(model, tokenizer, instruction, max_length, device)
+  encoder.revision = snapshot_revision(folder)
+  return encoder
 
 
 _CACHE: dict[tuple, Encoder] = {}
@@ -288,18 +317,17 @@ _CACHE: dict[tuple, Encoder] = {}
 
 def build_encoder(kind: str, ref: ModelRef, revision: str, dtype: str, device: torch.device,
                   instruction: str, max_length: int, append_eos: bool, padding_side: str,
-                  trust_remote_code: bool) -> Encoder:
-  """Loads (once per process) the encoder these settings describe."""
+                  trust_remote_code: bool, random_init: bool = False) -> Encoder:
+  """Loads (once per process) the encoder these settings describe. ``random_init`` builds the
+  architecture of the checkpoint's config.json with random weights (no weights are read)."""
   key = (kind, ref.source, revision, dtype, str(device), instruction, max_length, append_eos,
-         padding_side, trust_remote_code)
+         padding_side, trust_remote_code, random_init)
   if key not in _CACHE:
     rev = revision or None
     if kind == "nv_embed":
-      model = load_model(ref.source, rev, dtype, True, device)
-      tokenizer = load_tokenizer(ref.source, rev, True)
-      _CACHE[key] = NVEmbedEncoder(model, tokenizer, instruction, max_length)
+      _CACHE[key] = load_nv_embed(ref, rev, dtype, device, instruction, max_length, random_init)
     elif kind in ("last_token", "mean", "cls"):
-      model = load_model(ref.source, rev, dtype, trust_remote_code, device)
+      model = load_model(ref.source, rev, dtype, trust_remote_code, device, random_init)
       tokenizer = load_tokenizer(ref.source, rev, trust_remote_code)
       _CACHE[key] = PooledEncoder(model, tokenizer, kind, instruction, max_length, append_eos,
                                   padding_side, device)

@@ -159,6 +159,8 @@ def settings_of(cfg, mode: str, tasks: list[Task], ref: enc_lib.ModelRef, kind: 
       "dtype": dtype,
       "num_shards": len(tasks),
   }
+  if cfg.random_init:  # recorded only when set: vectors of random weights are never mistaken
+    settings["random_init"] = True
   if mode == "images":
     settings["caption_field"] = cfg.caption_field
   else:
@@ -391,7 +393,7 @@ def run(cfg) -> dict[str, Any]:
   def load_encoder():
     return enc_lib.build_encoder(kind, ref, cfg.revision, dtype, device, cfg.instruction,
                                  cfg.max_length, cfg.append_eos, cfg.padding_side,
-                                 cfg.trust_remote_code)
+                                 cfg.trust_remote_code, random_init=cfg.random_init)
 
   tally = RankTally(rank, world, str(device), skipped=len(done))
   progress = Progress(sum(t.size() for t in todo), who, cfg.progress and bool(todo))

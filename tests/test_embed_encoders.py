@@ -1,6 +1,5 @@
 """Encoders against independent references: sentence-transformers' own encode() for `mean`, plain
-transformers forwards of unpadded texts for `cls` and `last_token`, and the call contract of a
-model with its own encode() (NV-Embed-v2 style) through a stand-in."""
+transformers forwards of unpadded texts for `cls` and `last_token` (NV-Embed: test_embed_nvembed.py)."""
 
 import numpy as np
 import pytest
@@ -149,60 +148,6 @@ def test_append_eos_and_instruction(tmp_path, minilm_path):
   assert [ids[-1] for ids in p.inputs] == [sep, sep]
   assert p.lengths[1] == 6 and p.truncated == [False, True]
   assert p.inputs[0][:3] == tok("query: x")["input_ids"][:3]
-
-
-class StandInNVEmbed(torch.nn.Module):
-  """Behaves like NV-Embed-v2's remote code at its public surface: encode(prompts, instruction,
-  max_length) returning unnormalised [n, dim] tensors."""
-
-  def __init__(self, dim=16):
-    super().__init__()
-    self.dim = dim
-    self.calls = []
-    self.config = type("Config", (), {"_commit_hash": "0" * 40})()
-
-  def encode(self, prompts, instruction="", max_length=4096, **kwargs):
-    assert not kwargs
-    self.calls.append((list(prompts), instruction, max_length))
-    rows = [np.random.default_rng(abs(hash(p)) % 2**32).normal(size=self.dim) * 3 for p in prompts]
-    return torch.tensor(np.stack(rows), dtype=torch.float16)
-
-
-def test_nv_embed_call_contract(tmp_path, minilm_path, monkeypatch):
-  loads = []
-  stand_in = StandInNVEmbed()
-
-  def fake_load_model(source, revision, dtype, trust_remote_code, device):
-    loads.append((source, revision, dtype, trust_remote_code, str(device)))
-    return stand_in
-
-  monkeypatch.setattr(encoders, "load_model", fake_load_model)
-  monkeypatch.setattr(encoders, "_CACHE", {})
-  texts = TEXTS[:10] + ["", "A"]
-  texts_file = tmp_path / "texts.json"
-  import json
-  texts_file.write_text(json.dumps(texts))
-  out = tmp_path / "bank"
-  cfg = minilm_config(minilm_path, encoder="nv_embed", texts=str(texts_file), output=str(out),
-                      instruction="Instruct: describe\nQuery: ", max_length=33, batch_tokens=64,
-                      dtype="float16")
-  job.run(cfg)
-
-  assert loads == [(minilm_path, None, "float16", True, "cpu")]
-  probe, *batches = stand_in.calls
-  assert all(i == "Instruct: describe\nQuery: " and m == 33 for _, i, m in stand_in.calls)
-  sent = [t for b, _, _ in batches for t in b]
-  assert sorted(sent) == sorted(t for t in texts if t.strip())  # each once, empty one held back
-  assert len(batches) > 1  # the token budget split them
-
-  from lift_jax.data import records
-  index, matrix, manifest = records.load_text_bank(str(out))
-  assert manifest["encoder"] == "nv_embed" and manifest["pooling"] == "latent_attention"
-  assert manifest["instruction"] == "Instruct: describe\nQuery: " and manifest["dim"] == 16
-  assert manifest["shards"][0]["model_revision"] == "0" * 40
-  assert set(index) == {t for t in texts if t.strip()}
-  ref = stand_in.encode(["A"]).float().numpy()[0]
-  np.testing.assert_allclose(matrix[index["A"]], ref / np.linalg.norm(ref), atol=2e-3)
 
 
 def test_resolve_model(tmp_path, minilm_path):
