@@ -53,16 +53,11 @@ def resolved(config):
 
 
 def write_texts(config, path: str) -> int:
-  from eval.texts import required_texts
+  from eval.benchmarks import required_texts
+  from eval.texts import write_texts as write_texts_file
 
   texts = required_texts(resolved(config).evals)
-  bad = [t for t in texts if "\n" in t or "\r" in t]
-  if bad:  # one text per line cannot hold them: write a JSON list, which embed.main also reads
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(texts, f, ensure_ascii=False)
-  else:
-    with open(path, "w", encoding="utf-8") as f:
-      f.writelines(t + "\n" for t in texts)
+  write_texts_file(path, texts)
   return len(texts)
 
 
