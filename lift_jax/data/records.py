@@ -342,6 +342,43 @@ def check_aligned(image_folder: str, embedding_folder: str, check_keys: bool = F
           raise RecordError(f"{emb} record {idx} has key {b!r}; image shard {img} has {a!r}")
 
 
+# The manifest fields of an embedding folder or a text bank that decide what a vector means: a
+# bank scored against a model trained on embeddings must agree with them on every one.
+ENCODER_SETTINGS = ("model", "revision", "encoder", "pooling", "instruction", "max_length",
+                    "append_eos", "normalized")
+
+
+@cli.user_error
+class EncoderMismatchError(RecordError):
+  """A text bank was made with other encoder settings than the training embeddings."""
+
+
+def encoder_differences(bank: dict[str, Any], embeddings: dict[str, Any]) -> list[str]:
+  """``"field: X in the embeddings, Y in the bank"`` for each of :data:`ENCODER_SETTINGS` on
+  which two manifests disagree (empty when they agree)."""
+  return [f"{k}: {embeddings.get(k)!r} in the embeddings, {bank.get(k)!r} in the bank"
+          for k in ENCODER_SETTINGS if bank.get(k) != embeddings.get(k)]
+
+
+def check_same_encoder(bank_folder: str, embeddings_folder: str, allow: bool = False
+                       ) -> list[str]:
+  """Compares the manifests of a text bank and of the training embeddings.
+
+  Raises :class:`EncoderMismatchError` naming both folders and every differing field, unless
+  ``allow`` (then the differences are returned for the caller to report). Returns [] when the
+  encoders agree.
+  """
+  diffs = encoder_differences(read_manifest(bank_folder), read_manifest(embeddings_folder))
+  if diffs and not allow:
+    raise EncoderMismatchError(
+        f"text bank {bank_folder} was made with other encoder settings than the training "
+        f"embeddings {embeddings_folder} ({'; '.join(diffs)}): scores against it are not "
+        "comparable. Re-embed the bank's texts with the embeddings' encoder config "
+        "(python -m embed.main --config=... --config.texts=FILE --config.output=DIR), or set "
+        "config.evals.allow_encoder_mismatch=True to evaluate anyway")
+  return diffs
+
+
 def load_text_bank(folder: str) -> tuple[dict[str, int], np.ndarray, dict[str, Any]]:
   """Loads a text bank: ({text: row}, float32 matrix [n, dim], manifest)."""
   manifest = read_manifest(folder)
