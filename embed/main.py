@@ -37,5 +37,10 @@ def main(argv):
   return 0
 
 
+def command(argv) -> int:
+  """``main`` as the command runs it: known errors become one line and exit status 1."""
+  return cli.run("python -m embed.main", main, argv)
+
+
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run("python -m embed.main", main, argv))
+  app.run(command)

@@ -91,21 +91,6 @@ def class_prompts(classnames: list[str], templates: list[str]) -> list[list[str]
   return [[t.replace("{}", name) for t in templates] for name in classnames]
 
 
-def sugarcrepe_texts(folder: str, subsets: Iterable[str] = SUGARCREPE_SUBSETS) -> list[str]:
-  rows = read_sugarcrepe(folder, subsets)
-  return unique(t for subset in rows.values() for _, pos, neg in subset for t in (pos, neg))
-
-
-def caption_texts(path: str, first_only: bool = False, split: str | None = None) -> list[str]:
-  caps = read_captions(path, split)
-  return unique(c for cs in caps.values() for c in (cs[:1] if first_only else cs))
-
-
-def prompt_texts(classnames_file: str, templates_file: str) -> list[str]:
-  prompts = class_prompts(read_lines(classnames_file), read_lines(templates_file))
-  return unique(p for ps in prompts for p in ps)
-
-
 def unique(texts: Iterable[str]) -> list[str]:
   """Distinct texts in first-seen order."""
   return list(dict.fromkeys(texts))

@@ -259,7 +259,7 @@ def test_eval_files_read_by_eval_texts(small_set):
   assert len(set(all_first)) == len(all_first)  # no two retrieval images share a description
   for filename, (a, b) in caps.items():
     assert is_true(scenes[filename], a) and is_true(scenes[filename], b)
-  assert texts.sugarcrepe_texts(os.path.join(folder, "compositional"))
+  assert all(texts.read_sugarcrepe(os.path.join(folder, "compositional")).values())
   manifest = records.read_manifest(folder)
   assert manifest["counts"]["compositional"] == {s: 120 for s in texts.SUGARCREPE_SUBSETS}
 

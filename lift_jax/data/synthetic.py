@@ -372,13 +372,13 @@ class Settings:
   supersample: int = 2
 
   def identity(self, part: str, num_shards: int = 0) -> dict[str, Any]:
-    common = {"generator_version": GENERATOR_VERSION, "image_size": self.image_size,
+    shared = {"generator_version": GENERATOR_VERSION, "image_size": self.image_size,
               "seed": self.seed, "supersample": self.supersample, "shapes": list(SHAPES),
               "colors": {k: list(v) for k, v in COLORS.items()}}
     if part == "train":
-      return {**common, "num_train": self.num_train, "num_shards": num_shards,
+      return {**shared, "num_train": self.num_train, "num_shards": num_shards,
               "single_fraction": self.single_fraction, "omit_prob": self.omit_prob}
-    return {**common, "num_eval": self.num_eval}
+    return {**shared, "num_eval": self.num_eval}
 
 
 def train_pair(settings: Settings, index: int) -> shards.Outcome:
