@@ -285,12 +285,14 @@ def test_tar_cut_off_mid_download_keeps_its_complete_samples(tmp_path):
       _add(tar, f"{key}.jpg", jpg)
       _add(tar, f"{key}.txt", f"caption {key}".encode())
   with tarfile.open(cut, "w") as tar:
-    for key in ("b0", "b1", "b2"):
+    for key in ("b0", "b1"):
       _add(tar, f"{key}.jpg", jpg)
       _add(tar, f"{key}.txt", f"caption {key}".encode())
+    _add(tar, "b2.txt", b"caption b2")  # the caption first: only the image is cut
+    _add(tar, "b2.jpg", jpg)
   with tarfile.open(cut) as tar:
     b2_image = tar.getmember("b2.jpg")
-  # Cut inside b2.jpg's data: b0 and b1 are whole, b2 lost the end of its image and its caption.
+  # Cut inside b2.jpg's data: b0 and b1 are whole, b2 lost the end of its image.
   _cut_tar(cut, b2_image.offset_data + b2_image.size // 2)
   (tmp_path / "00002.tar").write_text("<html>503 Service Unavailable</html>")
   lines = []
