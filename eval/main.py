@@ -69,12 +69,10 @@ def format_value(key: str, value: float) -> str:
 
 
 def table(metrics: dict[str, float], seconds: dict[str, float]) -> str:
-  rows = [("benchmark/metric", "value (%)")]
-  rows += [(k, format_value(k, v)) for k, v in metrics.items()]
-  width = max(len(r[0]) for r in rows)
-  lines = [f"{k:<{width}}  {v:>9}" for k, v in rows]
-  lines.insert(1, "-" * (width + 11))
-  lines.append("")
+  from lift_jax import common
+
+  rows = [(k, format_value(k, v)) for k, v in metrics.items()]
+  lines = [common.format_table(rows, header=("benchmark/metric", "value (%)"), right=[1]), ""]
   lines.append("wall time per benchmark: " + ", ".join(f"{k} {v:.1f} s"
                                                       for k, v in seconds.items()))
   return "\n".join(lines)
