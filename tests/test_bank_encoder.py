@@ -74,3 +74,7 @@ def test_each_encoder_setting_is_compared(tmp_path, field, value):
       f"{field}: {SETTINGS[field]!r} in the embeddings, {value!r} in the bank"]
   same = bank_folder(str(tmp_path / "same"), ["a dog"])
   assert records.check_same_encoder(same, emb) == []
+  # A bank whose manifest records no encoder settings (written by other code) has nothing to
+  # compare.
+  bare = write_bank(str(tmp_path / "bare"), ["a dog"])
+  assert records.check_same_encoder(bare, emb) == []

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import msgpack
 import numpy as np
 
-from lift_jax import cli
+from lift_jax import cli, common
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -302,11 +302,7 @@ def write_manifest(folder: str, manifest: dict[str, Any]) -> str:
   manifest.setdefault("format_version", FORMAT_VERSION)
   manifest.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat())
   path = os.path.join(folder, MANIFEST)
-  tmp = f"{path}.tmp-{_unique()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  common.write_json_atomic(path, manifest)
   return path
 
 
@@ -355,9 +351,10 @@ class EncoderMismatchError(RecordError):
 
 def encoder_differences(bank: dict[str, Any], embeddings: dict[str, Any]) -> list[str]:
   """``"field: X in the embeddings, Y in the bank"`` for each of :data:`ENCODER_SETTINGS` on
-  which two manifests disagree (empty when they agree)."""
-  return [f"{k}: {embeddings.get(k)!r} in the embeddings, {bank.get(k)!r} in the bank"
-          for k in ENCODER_SETTINGS if bank.get(k) != embeddings.get(k)]
+  which two manifests disagree (empty when they agree). A field that one manifest does not
+  record (a folder written by other code) cannot be compared and is left out."""
+  return [f"{k}: {embeddings[k]!r} in the embeddings, {bank[k]!r} in the bank"
+          for k in ENCODER_SETTINGS if k in bank and k in embeddings and bank[k] != embeddings[k]]
 
 
 def check_same_encoder(bank_folder: str, embeddings_folder: str, allow: bool = False
