@@ -8,7 +8,9 @@ Two modes, by which input the config names:
 
 Each shard is embedded by one rank (shard i by rank i mod world size), written under a temporary
 name and renamed, then its manifest entry is written beside it (see :mod:`embed.writer`). A
-re-run skips every shard whose file matches its entry (count and SHA-256) and redoes the others.
+re-run skips every shard whose file matches its entry (count and SHA-256, checked by
+``lift_jax.data.shards.verified``) and whose input is unchanged (the image shard's SHA-256 as its
+folder's manifest records it, or the bank's texts), and redoes the others.
 """
 
 from __future__ import annotations

@@ -48,7 +48,12 @@ Skipped (no record written): ``zero_byte``, ``unreadable_image`` (undecodable or
 ``--max_aspect_ratio``), ``missing_caption`` (absent or blank), ``undecodable_caption`` (not
 UTF-8), ``bad_json``, ``missing_image`` (a caption or sidecar without an image),
 ``duplicate_key`` (every occurrence of a key after the first: a later tar, or ``a.png`` beside
-``a.jpg`` in a folder, where the first in sorted order is kept), ``missing_extra_caption``.
+``a.jpg`` in a folder, where the first in sorted order is kept), ``missing_extra_caption``,
+``truncated_tar`` (a sample of a tar cut off mid-download that lost its image or caption).
+Tars themselves (``tars/...``, with their paths as examples; all of them listed in
+``manifest["source"]["bad_tars"]``): ``truncated`` (its complete samples are kept),
+``not_a_tar``, ``compressed``, ``unreadable`` (skipped whole). The run fails only when nothing
+could be listed at all.
 Converted to RGB and re-encoded as JPEG at ``--jpeg_quality`` (kept): ``cmyk``, ``16bit``, ``palette``, ``alpha``
 (composited on white), ``grayscale``, ``other_mode``, ``format`` (RGB but not JPEG/PNG/WebP).
 Dropped captions of kept images (folder sources): ``empty``, ``undecodable``.

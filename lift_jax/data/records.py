@@ -14,7 +14,10 @@ Shards are ArrayRecord files written with ``group_size:1`` (random access), name
 
 Each folder of shards carries a ``manifest.json`` (see :func:`write_manifest`) with per-shard
 record counts and SHA-256 digests, so that an interrupted job can tell finished shards from
-damaged ones.
+damaged ones (:mod:`lift_jax.data.shards` writes folders of shards resumably). An embedding
+folder's entries also carry ``image_sha256``, the digest of the image shard they were computed
+from as the image folder's manifest recorded it; embeddings and text banks record their encoder
+settings (:data:`ENCODER_SETTINGS`, compared by :func:`check_same_encoder`).
 
 Records
 -------
