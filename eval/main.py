@@ -99,6 +99,12 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
         ckpt.config_to_dict(config.model) != ckpt.config_to_dict(stored.model):
       logging.warning("--config's model differs from the checkpoint's; the checkpoint's is used")
     config.model = stored.model
+    # The text bank is compared with the embeddings this checkpoint was trained on.
+    trained_on = (stored.get("data") or {}).get("embeddings")
+    if trained_on and not (config.get("data") or {}).get("embeddings"):
+      if config.get("data") is None:
+        config.data = ml_collections.ConfigDict()
+      config.data.embeddings = trained_on
   if not config.get("evals") or not config.evals.get("benchmarks"):
     raise BenchmarkConfigError("the config has no evals.benchmarks to run (give --config=CONFIG)")
   config = resolved(config)

@@ -78,3 +78,22 @@ def test_each_encoder_setting_is_compared(tmp_path, field, value):
   # compare.
   bare = write_bank(str(tmp_path / "bare"), ["a dog"])
   assert records.check_same_encoder(bare, emb) == []
+
+
+def test_eval_main_compares_with_the_embeddings_the_checkpoint_was_trained_on(tmp_path):
+  """`eval.main --workdir=W --config=C` where C names no embeddings (the paper configs): the
+  bank is compared with the embeddings stored in the checkpoint's config."""
+  from flax import nnx
+
+  from eval import main as eval_main
+  from lift_jax import checkpoint as ckpt
+
+  cfg = runner_config(tmp_path, max_length=32)
+  workdir = str(tmp_path / "run")
+  params = nnx.to_pure_dict(nnx.split(tiny_model("lift"))[1])
+  ckpt.save_params(workdir, 5, params, cfg)
+  given = config(lift_model_config(), cfg.evals.benchmarks.to_dict(),
+                 text_bank=cfg.evals.text_bank, batch_size=8)
+  assert given.data.get("embeddings") is None
+  with pytest.raises(records.EncoderMismatchError, match="max_length: 77 in the embeddings, 32"):
+    eval_main.evaluate(workdir, given, output=str(tmp_path / "m.json"))
