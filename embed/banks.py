@@ -1,4 +1,4 @@
-"""Writes the texts of evaluation benchmarks to a file, for embed.main's text-bank mode.
+r"""Writes the texts of evaluation benchmarks to a file, for embed.main's text-bank mode.
 
   python -m embed.banks --config=configs/vitb16_datacomp.py --config.evals.data_root=DATA \
       --out=/tmp/eval_texts.json

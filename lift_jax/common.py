@@ -13,7 +13,8 @@ import socket
 from typing import Any, Iterable, Mapping, Sequence
 
 
-def _temporary(path: str) -> str:
+def temporary_name(path: str) -> str:
+  """``path`` + a suffix unique to this process, for a file renamed into place when whole."""
   # Host and pid: processes on different hosts that share a disk can share a pid.
   return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
@@ -21,7 +22,7 @@ def _temporary(path: str) -> str:
 def write_text_atomic(path: str, text: str) -> None:
   """Writes ``text`` (UTF-8, ``\\n`` line ends) under a temporary name, then renames it into
   place: a reader sees the old file or the new one, never half of one."""
-  tmp = _temporary(path)
+  tmp = temporary_name(path)
   try:
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
       f.write(text)

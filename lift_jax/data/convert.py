@@ -1,4 +1,4 @@
-"""Builds image shards (``images-XXXXX-of-YYYYY.array_record`` + ``manifest.json``) from raw pairs.
+r"""Builds image shards (``images-XXXXX-of-YYYYY.array_record`` + ``manifest.json``) from raw pairs.
 
     python -m lift_jax.data.convert --output=DIR --tars='shards/*.tar' \
         [--extra_captions=recap.parquet]

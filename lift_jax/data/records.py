@@ -217,13 +217,6 @@ def read_keys(path: str) -> list[str]:
   return [r["key"] for r in iter_records(path)]
 
 
-def _unique() -> str:
-  """A temporary-name suffix that differs between processes on different hosts sharing a disk."""
-  import socket
-
-  return f"{socket.gethostname()}-{os.getpid()}"
-
-
 def sha256_file(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -247,7 +240,7 @@ def write_shard(path: str, records: Iterable[bytes], options: str = "group_size:
   """
   from array_record.python import array_record_module
 
-  tmp = f"{path}.tmp-{_unique()}"
+  tmp = common.temporary_name(path)
   writer = array_record_module.ArrayRecordWriter(tmp, options)
   count = 0
   try:
