@@ -8,7 +8,9 @@ Two modes, by which input the config names:
 
 Each shard is embedded by one rank (shard i by rank i mod world size), written under a temporary
 name and renamed, then its manifest entry is written beside it (see :mod:`embed.writer`). A
-re-run skips every shard whose file matches its entry (count and SHA-256) and redoes the others.
+re-run skips every shard whose file matches its entry (count and SHA-256, checked by
+``lift_jax.data.shards.verified``) and whose input is unchanged (the image shard's SHA-256 as its
+folder's manifest records it, or the bank's texts), and redoes the others.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from embed.batching import PaddingStats, plan_batches
 from embed.config import ENCODERS, POLICIES
 from embed.errors import EmbedError
 from lift_jax.data import records
+from lift_jax.data import shards
 
 FLOAT16_MAX = 65504.0
 
@@ -43,6 +46,7 @@ class Task:
   file: str
   source: str | None = None  # image shard path (images mode)
   items: list[inputs.Item] | None = None  # bank texts (texts mode)
+  image_sha256: str | None = None  # of the image shard, as its folder's manifest.json says
 
   def read_items(self, caption_field: str) -> list[inputs.Item]:
     return self.items if self.items is not None else inputs.shard_items(self.source, caption_field)
@@ -122,8 +126,9 @@ def plan_tasks(cfg, mode: str) -> tuple[list[Task], dict[str, Any]]:
   if mode == "images":
     sources = records.list_shards(cfg.images, records.IMAGES)
     n = len(sources)
-    tasks = [Task(i, records.shard_name(records.EMBEDDINGS, i, n), source=p)
-             for i, p in enumerate(sources)]
+    digests = image_digests(cfg.images, sources)
+    tasks = [Task(i, records.shard_name(records.EMBEDDINGS, i, n), source=p,
+                  image_sha256=digests[os.path.basename(p)]) for i, p in enumerate(sources)]
     return tasks, {"images": os.path.abspath(cfg.images)}
   texts = inputs.read_texts_file(cfg.texts)
   items = inputs.bank_items(texts)
@@ -136,6 +141,20 @@ def plan_tasks(cfg, mode: str) -> tuple[list[Task], dict[str, Any]]:
   context = {"texts": os.path.abspath(cfg.texts), "num_texts": len(items),
              "duplicates_dropped": len(texts) - len(items)}
   return tasks, context
+
+
+def image_digests(folder: str, paths: Sequence[str]) -> dict[str, str]:
+  """{image shard file: SHA-256} as the image folder's manifest.json records them; a shard the
+  manifest does not list (or a folder without one) is hashed here."""
+  try:
+    listed = {e.get("file"): e.get("sha256") for e in records.read_manifest(folder)["shards"]}
+  except records.RecordError:
+    listed = {}
+  out = {}
+  for path in paths:
+    name = os.path.basename(path)
+    out[name] = listed.get(name) or records.sha256_file(path)
+  return out
 
 
 def keys_digest(keys: Sequence[str]) -> str:
@@ -278,6 +297,12 @@ def check_source(output: str, task: Task, entry: dict[str, Any]) -> str | None:
     if entry.get("keys_sha256") != keys_digest([it.key for it in task.items]):
       return "its texts differ from the texts file"
     return None
+  if entry.get("image_sha256"):
+    if entry["image_sha256"] != task.image_sha256:
+      return (f"its image shard {task.source} changed since it was embedded (SHA-256 "
+              f"{entry['image_sha256'][:12]}... then, {str(task.image_sha256)[:12]}... now)")
+    return None
+  # An entry written before image digests were recorded: counts and end keys must still agree.
   n = records.count_records(task.source)
   shard = os.path.join(output, task.file)
   if n != entry["count"]:
@@ -299,19 +324,19 @@ def split_done(output: str, tasks: list[Task]) -> tuple[list[Task], list[Task]]:
   """(finished, to do) among ``tasks``, checked against their entries and their inputs."""
   known = writer.manifest_entries(output)
   known.update(writer.read_entries(output))
+  intact = shards.verified(output, [known[t.file] for t in tasks if t.file in known],
+                           log=lambda message: log(f"redoing {message}"))
   done, todo = [], []
   for task in tasks:
-    entry = known.get(task.file)
-    why = writer.finished(output, entry)
-    if why is None:
-      why = check_source(output, task, entry)
+    entry = intact.get(task.file)
+    why = "not written yet" if entry is None else check_source(output, task, entry)
     if why is None:
       if not os.path.exists(writer.entry_path(output, task.file)):
         writer.write_entry(output, entry)
       done.append(task)
       continue
     if entry is not None:
-      log(f"redoing {task.file}: {why}")
+      log(f"redoing {os.path.join(output, task.file)}: {why}")
     todo.append(task)
   return done, todo
 
@@ -439,6 +464,7 @@ def embed_shards(todo: list[Task], load_encoder, cfg, progress):
       entry["model_revision"] = encoder.revision
       if task.source:
         entry["image_shard"] = os.path.basename(task.source)
+        entry["image_sha256"] = task.image_sha256
       yield entry, result.stats
   finally:
     for pending in upcoming:
@@ -534,6 +560,11 @@ def verify_shard(output: str, task: Task, entry: dict[str, Any] | None, manifest
   why = records.verify_shard(output, entry)
   if why:
     return why
+  if task.image_sha256 and entry.get("image_sha256") not in (None, task.image_sha256):
+    return (f"embedded from another version of its image shard {task.source} (SHA-256 "
+            f"{entry['image_sha256'][:12]}... in the embedding manifest, "
+            f"{task.image_sha256[:12]}... now); re-run python -m embed.main without verify to "
+            "redo it")
   path = os.path.join(output, task.file)
   if task.items is not None:
     want = [it.key for it in task.items]

@@ -17,14 +17,11 @@ every WORLD_SIZE-th shard on its own GPU. Re-running the same command resumes;
 `--config.verify=True` checks finished output. The fields are documented in embed/config.py.
 """
 
-import sys
-
 from absl import app
 from ml_collections import config_flags
 
 from embed import job
-from embed.errors import EmbedError
-from lift_jax.data.records import RecordError
+from lift_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "a config file from embed/configs/, e.g. embed/configs/nvembed_v2.py",
@@ -36,13 +33,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
   if _CONFIG.value is None:
     raise app.UsageError("--config=embed/configs/<model>.py is required")
-  try:
-    job.run(_CONFIG.value)
-  except (EmbedError, RecordError, OSError) as e:  # each names the file, shard or key
-    print(f"embed: error: {e}", file=sys.stderr, flush=True)
-    return 1
+  job.run(_CONFIG.value)  # errors that name the file, shard or key are printed by cli.run
   return 0
 
 
+def command(argv) -> int:
+  """``main`` as the command runs it: known errors become one line and exit status 1."""
+  return cli.run("python -m embed.main", main, argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(command)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 from typing import Any
 
 from embed.errors import EmbedError
+from lift_jax import common
 from lift_jax.data import records
+from lift_jax.data import shards
 
 PARTS = "manifest.d"
 SETTINGS = "settings.json"
@@ -32,15 +33,6 @@ COUNTERS = ("truncated", "empty", "undecodable", "missing", "nan", "failed")
 
 def parts_dir(output: str) -> str:
   return os.path.join(output, PARTS)
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-  # Host and pid in the temporary name: ranks on different hosts can share a pid.
-  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def read_json(path: str) -> Any:
@@ -66,13 +58,9 @@ def ensure_settings(output: str, settings: dict[str, Any], context: dict[str, An
   path = os.path.join(parts_dir(output), SETTINGS)
   previous = _previous_settings(output)
   if previous is not None:
-    diff = [f"{k}: {previous.get(k)!r} before, {settings.get(k)!r} now"
-            for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
-    if diff:
-      raise EmbedError(f"{output} already holds output of different settings ("
-                       + "; ".join(diff) + "); use a new output folder")
+    shards.check_settings(output, previous, settings, "use a new output folder", EmbedError)
   if not os.path.exists(path) or read_json(path).get("context") != context:
-    write_json_atomic(path, {"settings": settings, "context": context})
+    common.write_json_atomic(path, {"settings": settings, "context": context})
 
 
 def _previous_settings(output: str) -> dict[str, Any] | None:
@@ -101,7 +89,7 @@ def entry_path(output: str, shard_file: str) -> str:
 
 
 def write_entry(output: str, entry: dict[str, Any]) -> None:
-  write_json_atomic(entry_path(output, entry["file"]), entry)
+  common.write_json_atomic(entry_path(output, entry["file"]), entry)
 
 
 def read_entries(output: str) -> dict[str, dict[str, Any]]:
@@ -119,13 +107,6 @@ def manifest_entries(output: str) -> dict[str, dict[str, Any]]:
   if not os.path.exists(os.path.join(output, records.MANIFEST)):
     return {}
   return {e["file"]: e for e in records.read_manifest(output)["shards"]}
-
-
-def finished(output: str, entry: dict[str, Any] | None) -> str | None:
-  """None if the shard of ``entry`` is complete and intact, else why it must be (re)done."""
-  if entry is None:
-    return "not written yet"
-  return records.verify_shard(output, entry)
 
 
 def remove_stale_temporaries(path: str) -> None:

@@ -3,8 +3,9 @@
 ``config.evals.benchmarks`` maps a name to a mapping with a ``type`` and that type's fields.
 :func:`parse` turns one entry into a spec (an unknown or missing field is an error naming the
 benchmark); a spec lists its images and the exact texts it scores. The evaluators
-(:mod:`eval.evaluators`) run the specs; :func:`eval.texts.required_texts` uses them, without JAX,
-to list the texts a LIFT text bank must hold.
+(:mod:`eval.evaluators`) run the specs; :func:`required_texts` lists, without JAX, the texts a
+LIFT text bank must hold. It is the one way the texts of evaluation are listed: ``eval.main
+--write_texts``, data preparation and ``embed.banks`` all call it.
 
 Types and fields (None = default)
 ---------------------------------
@@ -46,6 +47,9 @@ from eval import texts as T
 from lift_jax import cli
 
 ZEROSHOT_PROTOCOLS = ("lift", "openai", "custom")
+# The prompt files of each ImageNet protocol, in a folder such as ../shared/data/imagenet.
+IMAGENET_PROMPT_FILES = {"lift": ("classnames_keras.txt", "templates_lift.txt"),
+                         "openai": ("classnames.txt", "templates.txt")}
 RETRIEVAL_PROTOCOLS = ("lift", "standard")
 
 
@@ -127,6 +131,7 @@ class ZeroShotSpec:
   top_k: tuple[int, ...] = (1, 5)
   limit: int | None = None
   skip_missing: bool = False
+  texts_only: bool = False  # parse(..., texts_only=True): listing texts needs no image source
   type: str = "zeroshot"
 
   def __post_init__(self):
@@ -144,7 +149,8 @@ class ZeroShotSpec:
       raise BenchmarkConfigError(
           f"benchmark {self.name!r}: the LIFT protocol uses one template, {self.templates} has "
           f"{len(templates)} (use protocol='openai' or 'custom' for ensembles)")
-    self.source  # checks that exactly one image source is given
+    if not self.texts_only:
+      self.source  # checks that exactly one image source is given
 
   @property
   def source(self) -> str:
@@ -215,6 +221,7 @@ class RetrievalSpec:
   ks: tuple[int, ...] | None = None
   limit: int | None = None
   skip_missing: bool = False
+  texts_only: bool = False
   type: str = "retrieval"
 
   def __post_init__(self):
@@ -228,7 +235,7 @@ class RetrievalSpec:
                                  "or shards")
     if self.captions:
       _require_file(self.name, "captions", self.captions)
-      if not self.image_dir:
+      if not self.image_dir and not self.texts_only:
         raise BenchmarkConfigError(f"benchmark {self.name!r}: captions needs image_dir")
 
   def _select(self, caps: list[str]) -> list[str]:
@@ -238,7 +245,7 @@ class RetrievalSpec:
     """[(image path or shard key, [captions scored])] in file order, limited; images without
     captions are left out (they could never be retrieved)."""
     if self.captions:
-      pairs = [(os.path.join(self.image_dir, f), self._select(c))
+      pairs = [(os.path.join(self.image_dir or "", f), self._select(c))
                for f, c in T.read_captions(self.captions, self.split or None).items()]
     else:
       pairs = []
@@ -255,22 +262,54 @@ class RetrievalSpec:
 SPECS = {"sugarcrepe": SugarCrepeSpec, "zeroshot": ZeroShotSpec, "retrieval": RetrievalSpec}
 
 
-def parse(name: str, cfg: Mapping[str, Any]):
-  """The spec of one ``config.evals.benchmarks`` entry."""
+def parse(name: str, cfg: Mapping[str, Any], texts_only: bool = False):
+  """The spec of one ``config.evals.benchmarks`` entry; ``texts_only`` specs serve to list
+  texts and need no image source."""
   d = _as_dict(cfg)
   kind = d.pop("type", None)
   if kind not in SPECS:
     raise BenchmarkConfigError(f"benchmark {name!r}: type must be one of {sorted(SPECS)}, "
                                f"got {kind!r}")
   cls = SPECS[kind]
-  known = {f.name for f in dataclasses.fields(cls)} - {"name", "type"}
+  known = {f.name for f in dataclasses.fields(cls)} - {"name", "type", "texts_only"}
   unknown = sorted(set(d) - known)
   if unknown:
     raise BenchmarkConfigError(f"benchmark {name!r} (type {kind}): unknown field(s) {unknown}; "
                                f"known: {sorted(known)}")
-  return cls(name=name, **{k: v for k, v in d.items() if v is not None})
+  extra = {"texts_only": True} if texts_only and "texts_only" in {
+      f.name for f in dataclasses.fields(cls)} else {}
+  return cls(name=name, **{k: v for k, v in d.items() if v is not None}, **extra)
 
 
-def parse_all(benchmarks: Mapping[str, Any] | None) -> list:
+def parse_all(benchmarks: Mapping[str, Any] | None, texts_only: bool = False) -> list:
   """Specs of every entry of ``config.evals.benchmarks``, in the config's order."""
-  return [parse(name, cfg) for name, cfg in _as_dict(benchmarks or {}).items()]
+  return [parse(name, cfg, texts_only) for name, cfg in _as_dict(benchmarks or {}).items()]
+
+
+def required_texts(evals_config, texts_only: bool = False) -> list[str]:
+  """Every text the benchmarks of ``config.evals`` (or of a whole config) score, each once, in
+  benchmark order.
+
+  A LIFT text bank built from this list serves all of them: ``python -m eval.main
+  --config=CONFIG --write_texts=FILE`` (or ``python -m embed.banks``) writes it, and
+  ``python -m embed.main --config=embed/configs/<encoder>.py --config.texts=FILE
+  --config.output=DIR`` embeds it.
+  """
+  if hasattr(evals_config, "to_dict"):
+    evals_config = evals_config.to_dict()
+  if "benchmarks" not in evals_config and "evals" in evals_config:
+    evals_config = evals_config["evals"]
+  specs = parse_all(evals_config.get("benchmarks"), texts_only)
+  return T.unique(t for spec in specs for t in spec.texts())
+
+
+def imagenet_benchmark(folder: str, protocol: str) -> dict[str, Any]:
+  """The texts-only entry of ImageNet's prompts under ``protocol`` (lift | openai), read from a
+  folder holding :data:`IMAGENET_PROMPT_FILES`."""
+  if protocol not in IMAGENET_PROMPT_FILES:
+    raise BenchmarkConfigError(f"unknown ImageNet protocol {protocol!r}; expected one of "
+                               f"{sorted(IMAGENET_PROMPT_FILES)}")
+  classnames, templates = IMAGENET_PROMPT_FILES[protocol]
+  return {"type": "zeroshot", "protocol": protocol,
+          "classnames": os.path.join(folder, classnames),
+          "templates": os.path.join(folder, templates)}

@@ -308,6 +308,28 @@ def make_evaluator(spec) -> Evaluator:
 # --------------------------------------------------------------------------------------------
 
 
+def check_bank_encoder(config) -> list[str]:
+  """LIFT: refuses a text bank made with other encoder settings than the training embeddings
+  (``records.check_same_encoder``), unless ``config.evals.allow_encoder_mismatch``; a bank or
+  an embedding folder that is not on this machine cannot be compared and is passed over with a
+  warning. Returns the differences that were allowed."""
+  bank = config.evals.get("text_bank")
+  embeddings = config.get("data", {}).get("embeddings")
+  if not bank or not embeddings:
+    return []
+  have = [os.path.exists(os.path.join(f, records.MANIFEST)) for f in (bank, embeddings)]
+  if not all(have):
+    if have[0]:
+      logger.warning("cannot compare the text bank's encoder with the training embeddings': "
+                     "%s has no manifest.json", embeddings)
+    return []
+  allowed = records.check_same_encoder(bank, embeddings,
+                                       bool(config.evals.get("allow_encoder_mismatch")))
+  for d in allowed:
+    logger.warning("text bank %s differs from the training embeddings (allowed): %s", bank, d)
+  return allowed
+
+
 class EvalRunner:
   """The evaluators of ``config.evals`` with one Predictor; ``run(params)`` scores them all.
 
@@ -339,6 +361,8 @@ class EvalRunner:
         std=tuple(std) if std else transforms.IMAGENET_STD,
         text_bank=ev.get("text_bank"), tokenizer=tokenizer, context_length=context_length,
         workers=int(ev.get("workers") or 8))
+    if model.mode == "lift":
+      check_bank_encoder(config)
     # LIFT: a text missing from the bank is found now, before any training step.
     self.predictor.check_texts(T.unique(t for e in self.evaluators for t in e.texts()))
     self.timings: dict[str, float] = {}

@@ -53,16 +53,11 @@ def resolved(config):
 
 
 def write_texts(config, path: str) -> int:
-  from eval.texts import required_texts
+  from eval.benchmarks import required_texts
+  from eval.texts import write_texts as write_texts_file
 
   texts = required_texts(resolved(config).evals)
-  bad = [t for t in texts if "\n" in t or "\r" in t]
-  if bad:  # one text per line cannot hold them: write a JSON list, which embed.main also reads
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(texts, f, ensure_ascii=False)
-  else:
-    with open(path, "w", encoding="utf-8") as f:
-      f.writelines(t + "\n" for t in texts)
+  write_texts_file(path, texts)
   return len(texts)
 
 
@@ -74,12 +69,10 @@ def format_value(key: str, value: float) -> str:
 
 
 def table(metrics: dict[str, float], seconds: dict[str, float]) -> str:
-  rows = [("benchmark/metric", "value (%)")]
-  rows += [(k, format_value(k, v)) for k, v in metrics.items()]
-  width = max(len(r[0]) for r in rows)
-  lines = [f"{k:<{width}}  {v:>9}" for k, v in rows]
-  lines.insert(1, "-" * (width + 11))
-  lines.append("")
+  from lift_jax import common
+
+  rows = [(k, format_value(k, v)) for k, v in metrics.items()]
+  lines = [common.format_table(rows, header=("benchmark/metric", "value (%)"), right=[1]), ""]
   lines.append("wall time per benchmark: " + ", ".join(f"{k} {v:.1f} s"
                                                       for k, v in seconds.items()))
   return "\n".join(lines)
@@ -106,6 +99,12 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
         ckpt.config_to_dict(config.model) != ckpt.config_to_dict(stored.model):
       logging.warning("--config's model differs from the checkpoint's; the checkpoint's is used")
     config.model = stored.model
+    # The text bank is compared with the embeddings this checkpoint was trained on.
+    trained_on = (stored.get("data") or {}).get("embeddings")
+    if trained_on and not (config.get("data") or {}).get("embeddings"):
+      if config.get("data") is None:
+        config.data = ml_collections.ConfigDict()
+      config.data.embeddings = trained_on
   if not config.get("evals") or not config.evals.get("benchmarks"):
     raise BenchmarkConfigError("the config has no evals.benchmarks to run (give --config=CONFIG)")
   config = resolved(config)

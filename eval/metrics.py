@@ -30,13 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lift_jax.losses import l2_normalize
+
 HIGHEST = jax.lax.Precision.HIGHEST
 MAX_SCORES = 1 << 25  # elements of one query-chunk x candidates score block (128 MiB float32)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  x = jnp.asarray(x, jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 # --------------------------------------------------------------------------------------------

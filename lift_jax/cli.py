@@ -56,3 +56,30 @@ def run(command: str, main: Callable[..., int | None], *args, extra: Iterable[ty
       raise
     print(f"{command}: error: {message}", file=sys.stderr, flush=True)
     return 1
+
+
+@user_error
+class UsageError(ValueError):
+  """A command line flag is unknown, missing or malformed."""
+
+
+def parse_flags(flag_values, argv, usage: str) -> None:
+  """Parses ``argv`` (without the program name) into an absl ``FlagValues`` of one command.
+
+  Each command keeps its own ``FlagValues`` so that commands can be called from one process (tests,
+  the demo) without their flags colliding; every call starts from the defaults. ``--help`` prints
+  ``usage`` and the flags, then exits 0; a bad flag is a :class:`UsageError`.
+  """
+  from absl import flags
+
+  argv = list(argv)
+  if any(a in ("-h", "--help", "--helpfull", "-?") for a in argv):
+    print(usage.strip() + "\n\nflags:\n" + flag_values.get_help(include_special_flags=False))
+    raise SystemExit(0)
+  flag_values.unparse_flags()
+  try:
+    rest = flag_values(["command", *argv])
+  except flags.Error as e:
+    raise UsageError(f"{e} (--help lists the flags)") from None
+  if len(rest) > 1:
+    raise UsageError(f"unexpected arguments {rest[1:]}; every setting is a --flag=value")

@@ -92,6 +92,7 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   e = c.evals = ml_collections.ConfigDict()
   e.batch_size = 1024
   e.text_bank = config_dict.placeholder(str)
+  e.allow_encoder_mismatch = False
   e.resize_size = config_dict.placeholder(int)
   e.mean = transforms.IMAGENET_MEAN
   e.std = transforms.IMAGENET_STD
@@ -189,6 +190,9 @@ DOCS = {
     "data.embed_config": "embed/configs/*.py that data.prepare uses (default minilm.py).",
     "evals.batch_size": "Global eval batch (images per step).",
     "evals.text_bank": "LIFT: folder of the text bank holding every eval text.",
+    "evals.allow_encoder_mismatch": "LIFT: evaluate with a text bank whose encoder settings "
+                                    "(model, revision, pooling, instruction, max_length, "
+                                    "normalisation) differ from the training embeddings'.",
     "evals.resize_size": "Eval Resize(shorter side) before CenterCrop(image_size); None = "
                          "image_size * 256 / 224.",
     "evals.mean": "Eval normalisation mean (ImageNet's, as the paper's eval).",

@@ -15,6 +15,13 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _NEG = -1e30  # "minus infinity" that keeps gradients finite
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """``x / ||x||`` along the last axis, in float32 (the one normalisation of embeddings: the
+  model's forward pass and the evaluators both use it)."""
+  x = jnp.asarray(x, jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 def _similarities(zimg: jax.Array, ztxt: jax.Array) -> jax.Array:
   return jnp.matmul(zimg.astype(jnp.float32), ztxt.astype(jnp.float32).T, precision=_HIGHEST)
 

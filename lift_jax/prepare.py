@@ -26,6 +26,7 @@ import jax
 import ml_collections
 
 from lift_jax.data import records
+from lift_jax.data import shards
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +37,6 @@ def _embed_config_path(config) -> str:
   import embed  # the package's __init__ is empty: no torch is imported
 
   return os.path.join(os.path.dirname(embed.__file__), "configs", "minilm.py")
-
-
-def _complete(folder: str, prefix: str, expected_shards: int | None = None) -> bool:
-  """True when ``folder`` holds a manifest whose shards are all present with the right size."""
-  try:
-    manifest = records.read_manifest(folder)
-  except records.RecordError:
-    return False
-  shards = manifest.get("shards", [])
-  if expected_shards is not None and len(shards) != expected_shards:
-    return False
-  return bool(shards) and all(
-      e.get("file", "").startswith(prefix) and os.path.exists(os.path.join(folder, e["file"]))
-      for e in shards)
 
 
 def run_embed(embed_config: str, output: str, *, images: str | None = None,
@@ -63,23 +50,6 @@ def run_embed(embed_config: str, output: str, *, images: str | None = None,
     raise RuntimeError(f"the embedding job failed ({' '.join(args)}):\n{proc.stdout[-4000:]}")
   for line in proc.stdout.splitlines()[-6:]:
     log.info("%s", line)
-
-
-def synthetic_benchmarks(root: str) -> dict:
-  """The synthetic set's three evaluation suites, in the evaluators' config schema."""
-  ev = os.path.join(root, "eval")
-  images = os.path.join(ev, "images")
-  return {
-      "compositional": {"type": "sugarcrepe", "data_dir": os.path.join(ev, "compositional"),
-                        "image_dir": images},
-      "classification": {"type": "zeroshot", "image_dir": images,
-                         "labels": os.path.join(ev, "classification", "labels.tsv"),
-                         "classnames": os.path.join(ev, "classification", "classnames.txt"),
-                         "templates": os.path.join(ev, "classification", "templates.txt")},
-      "retrieval": {"type": "retrieval", "image_dir": images,
-                    "captions": os.path.join(ev, "retrieval", "captions.tsv"),
-                    "protocol": "standard"},
-  }
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -103,28 +73,30 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
                        num_shards=syn.get("num_shards"))
   config.data.images = config.data.get("images") or os.path.join(root, "train")
   if config.evals.get("synthetic_suite"):
-    config.evals.benchmarks = synthetic_benchmarks(root)
+    from lift_jax.data import synthetic
+
+    config.evals.benchmarks = synthetic.eval_benchmarks(os.path.join(root, "eval"))
 
   if config.model.mode == "lift":
     emb = config.data.get("embeddings") or os.path.join(root, f"embeddings-{tag}")
     n_images = len(records.list_shards(config.data.images, records.IMAGES)) if primary else None
     if primary:
-      if _complete(emb, records.EMBEDDINGS, n_images):
+      if shards.is_complete(emb, records.EMBEDDINGS, n_images):
         log.info("caption embeddings ready in %s (skipping the embedding job)", emb)
       else:
         run_embed(embed_config, emb, images=config.data.images)
     config.data.embeddings = emb
     if config.evals.get("benchmarks") and not config.evals.get("text_bank"):
-      from eval.texts import required_texts
+      from eval.benchmarks import required_texts
 
       texts = required_texts(config.evals)
       digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:10]
       bank = os.path.join(root, f"bank-{tag}-{digest}")
       if primary:
-        if _complete(bank, records.BANK):
+        if shards.is_complete(bank, records.BANK):
           log.info("evaluation text bank ready in %s (%d texts)", bank, len(texts))
         else:
-          from embed.banks import write_texts  # JAX-free and torch-free
+          from eval.texts import write_texts  # JAX-free
 
           texts_file = os.path.join(root, f"eval-texts-{digest}.json")
           write_texts(texts_file, texts)

@@ -77,11 +77,12 @@ def test_input_mode(tmp_path):
 
 def test_eval_mode_times_each_benchmark(tmp_path):
   from conftest import shared_data
-  from eval.texts import caption_texts
+  from eval.benchmarks import required_texts
   from eval_fixtures import write_bank
 
   captions = shared_data("flickr8k_subset", "captions.tsv")
-  bank = write_bank(str(tmp_path / "bank"), caption_texts(captions, first_only=True), dim=16)
+  first = {"type": "retrieval", "protocol": "lift", "captions": captions, "image_dir": "-"}
+  bank = write_bank(str(tmp_path / "bank"), required_texts({"benchmarks": {"f8k": first}}), dim=16)
   extra = ("  c.evals.text_bank = " + repr(bank) + "\n"
            "  c.evals.batch_size = 8\n"
            "  c.evals.benchmarks = {'f8k': {'type': 'retrieval', 'protocol': 'lift', 'limit': 16,"

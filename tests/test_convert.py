@@ -267,6 +267,72 @@ def test_compressed_tar_is_refused_by_name(tmp_path):
     convert.convert(str(tmp_path / "out"), tars=[path], progress=False, log=lambda s: None)
 
 
+def _cut_tar(path, keep_bytes):
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:keep_bytes])
+
+
+def test_tar_cut_off_mid_download_keeps_its_complete_samples(tmp_path):
+  """A partial download among good tars: its complete samples are kept, the sample the cut
+  broke is counted under a reason, the tar is named in the log and the manifest; a file that is
+  not a tar at all is skipped and named; only when nothing could be read does the run fail."""
+  jpg = rgb_jpeg()
+  good, cut = str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")
+  with tarfile.open(good, "w") as tar:
+    for key in ("a0", "a1"):
+      _add(tar, f"{key}.jpg", jpg)
+      _add(tar, f"{key}.txt", f"caption {key}".encode())
+  with tarfile.open(cut, "w") as tar:
+    for key in ("b0", "b1"):
+      _add(tar, f"{key}.jpg", jpg)
+      _add(tar, f"{key}.txt", f"caption {key}".encode())
+    _add(tar, "b2.txt", b"caption b2")  # the caption first: only the image is cut
+    _add(tar, "b2.jpg", jpg)
+  with tarfile.open(cut) as tar:
+    b2_image = tar.getmember("b2.jpg")
+  # Cut inside b2.jpg's data: b0 and b1 are whole, b2 lost the end of its image.
+  _cut_tar(cut, b2_image.offset_data + b2_image.size // 2)
+  (tmp_path / "00002.tar").write_text("<html>503 Service Unavailable</html>")
+  lines = []
+  manifest = convert.convert(str(tmp_path / "out"), tars=[str(tmp_path / "*.tar")],
+                             options=convert.Options(num_shards=1), workers=1, progress=False,
+                             log=lines.append)
+  assert [r["key"] for r in read_all(str(tmp_path / "out"))] == ["a0", "a1", "b0", "b1"]
+  assert counts(manifest) == {"written": 4, "skipped/truncated_tar": 1, "tars/truncated": 1,
+                              "tars/not_a_tar": 1}
+  assert manifest["report"]["examples"]["skipped/truncated_tar"] == ["b2"]
+  assert manifest["report"]["examples"]["tars/truncated"] == [cut]
+  bad = {os.path.basename(p): why for p, why in manifest["source"]["bad_tars"].items()}
+  assert bad == {"00001.tar": "truncated", "00002.tar": "not_a_tar"}
+  log = "\n".join(lines)
+  assert f"{cut}: cut short" in log and "00002.tar: skipped, not a tar file" in log
+  assert "tars: 2" in log  # the printed summary has a section for them
+
+  # A cut inside a member's header (the tar ends mid-block) is found too.
+  cut2 = str(tmp_path / "two" / "x.tar")
+  os.makedirs(os.path.dirname(cut2))
+  with tarfile.open(cut2, "w") as tar:
+    for key in ("c0", "c1"):
+      _add(tar, f"{key}.jpg", jpg)
+      _add(tar, f"{key}.txt", f"caption {key}".encode())
+  with tarfile.open(cut2) as tar:
+    c1 = tar.getmember("c1.txt")
+  _cut_tar(cut2, c1.offset + 100)
+  manifest = convert.convert(str(tmp_path / "out2"), tars=[cut2], workers=1, progress=False,
+                             log=lambda s: None)
+  assert counts(manifest) == {"written": 1, "skipped/truncated_tar": 1, "tars/truncated": 1}
+
+  # Nothing readable at all: one error that names every file and why.
+  with pytest.raises(convert.ConvertError, match=r"nothing to convert.*00002.tar"):
+    convert.convert(str(tmp_path / "out3"), tars=[str(tmp_path / "00002.tar")], workers=1,
+                    progress=False, log=lambda s: None)
+  with pytest.raises(convert.ConvertError, match=r"--tars=.* is a folder.*\*\.tar"):
+    convert.convert(str(tmp_path / "out3"), tars=[str(tmp_path)], progress=False,
+                    log=lambda s: None)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input, one case each
 # --------------------------------------------------------------------------------------------
@@ -492,5 +558,15 @@ def test_cli(tmp_path):
   for flag in ("--tars", "--images", "--captions", "--num_shards", "--resize", "--workers",
                "--extra_captions", "--caption_source", "--min_image_size"):
     assert flag in help_text
-  with pytest.raises(SystemExit, match="not both"):
+  with pytest.raises(convert.ConvertError, match="not both"):
     convert.main([f"--output={out}", f"--images={images}", "--tars=x.tar"])
+  # Known errors reach the user as one line and exit status 1, without a traceback.
+  for args, message in (([f"--output={out}", f"--images={images}", "--tars=x.tar"], "not both"),
+                        ([f"--output={out}", f"--tars={tmp_path}"], "is a folder"),
+                        ([f"--images={images}"], "--output=DIR is required"),
+                        (["--output=x", "--no_such_flag=1"], "no_such_flag")):
+    run = subprocess.run([sys.executable, "-m", "lift_jax.data.convert", *args],
+                         capture_output=True, text=True, cwd=REPO)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1, run.stderr
+    assert lines[0].startswith("python -m lift_jax.data.convert: error: ") and message in lines[0]

@@ -1,49 +1,79 @@
-"""Text lists for evaluation banks (the same strings eval.texts scores) and the text-bank mode
-of the job (keyed by exact text, readable by records.load_text_bank)."""
+"""Text lists for evaluation banks (the benchmark specs' texts, checked against the files read
+by hand) and the text-bank mode of the job (keyed by exact text, readable by
+records.load_text_bank)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import shared_data
+from conftest import REPO, shared_data
 from embed import banks, encoders, job
 from embed.errors import EmbedError
 from eval import texts as eval_texts
-from lift_jax.data import records
+from lift_jax import cli
+from lift_jax.data import records, synthetic
 from test_embed_support import minilm_config
 
 
-def test_imagenet_prompts_both_protocols():
+def lines(path):
+  with open(path, encoding="utf-8") as f:
+    return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def distinct(texts):
+  return list(dict.fromkeys(texts))
+
+
+def run_banks(tmp_path, *args, name="texts.json"):
+  out = tmp_path / name
+  assert banks.main([*args, f"--out={out}"]) == 0
+  if name.endswith(".json"):
+    return json.loads(out.read_text(encoding="utf-8"))
+  return out.read_text(encoding="utf-8").splitlines()
+
+
+def test_imagenet_prompts_both_protocols(tmp_path):
   folder = shared_data("imagenet")
-  lift = banks.imagenet_prompts(folder, "lift")
+  # The reference: every class name in every template, read from the files by hand.
+  keras, lift_t = lines(f"{folder}/classnames_keras.txt"), lines(f"{folder}/templates_lift.txt")
+  names, templates = lines(f"{folder}/classnames.txt"), lines(f"{folder}/templates.txt")
+  want_lift = distinct(t.replace("{}", n) for n in keras for t in lift_t)
+  want_openai = distinct(t.replace("{}", n) for n in names for t in templates)
+  lift = run_banks(tmp_path, f"--imagenet={folder}")
   assert lift[:2] == ["It is a photo of a tench", "It is a photo of a goldfish"]
-  assert len(lift) == 998  # "crane" and "maillot" each name two classes: one text each
-  assert lift == eval_texts.prompt_texts(f"{folder}/classnames_keras.txt",
-                                         f"{folder}/templates_lift.txt")
-  openai = banks.imagenet_prompts(folder, "openai")
-  assert openai == eval_texts.prompt_texts(f"{folder}/classnames.txt", f"{folder}/templates.txt")
-  assert "a bad photo of a tench." in openai and len(openai) == 998 * 80
-  both = banks.imagenet_prompts(folder, "both")
-  assert both == eval_texts.unique(lift + openai)
-  with pytest.raises(ValueError, match="unknown ImageNet protocol"):
-    banks.imagenet_prompts(folder, "simple")
+  assert lift == want_lift and len(lift) == 998  # "crane", "maillot" name two classes each
+  openai = run_banks(tmp_path, f"--imagenet={folder}", "--protocol=openai")
+  assert openai == want_openai and "a bad photo of a tench." in openai
+  assert run_banks(tmp_path, f"--imagenet={folder}", "--protocol=both") == distinct(
+      want_lift + want_openai)
+  with pytest.raises(cli.UsageError, match="protocol"):
+    banks.main([f"--imagenet={folder}", "--protocol=simple", f"--out={tmp_path / 'x.json'}"])
 
 
-def test_coco_flickr_and_sugarcrepe_texts():
+def test_coco_flickr_and_sugarcrepe_texts(tmp_path):
   coco = shared_data("coco", "annotations", "captions_val2017.json")
-  first = banks.retrieval_captions(coco, first_only=True)
-  every = banks.retrieval_captions(coco)
-  assert first == eval_texts.caption_texts(coco, first_only=True) and len(first) <= 5000
-  assert set(first) <= set(every) and len(every) > 24000
+  data = json.load(open(coco, encoding="utf-8"))
+  per_image = {im["id"]: [] for im in data["images"]}
+  for ann in data["annotations"]:
+    per_image[ann["image_id"]].append(ann["caption"].strip())
+  want_first = distinct(per_image[i][0] for i in sorted(per_image) if per_image[i])
+  want_every = distinct(c for i in sorted(per_image) for c in per_image[i])
+  assert run_banks(tmp_path, f"--captions={coco}", "--first_caption_only") == want_first
+  assert run_banks(tmp_path, f"--captions={coco}") == want_every and len(want_every) > 24000
   flickr = shared_data("flickr8k_subset", "captions.tsv")
-  assert banks.retrieval_captions(flickr) == eval_texts.caption_texts(flickr)
+  rows = [r.split("\t") for r in lines(flickr)[1:]]
+  assert run_banks(tmp_path, f"--captions={flickr}") == distinct(r[2] for r in rows)
   sugar = shared_data("sugarcrepe")
-  texts = banks.sugarcrepe_texts(sugar)
-  assert texts == eval_texts.sugarcrepe_texts(sugar)
-  assert set(texts) >= {r["negative_caption"] for r in
-                        json.load(open(f"{sugar}/swap_obj.json", encoding="utf-8")).values()}
+  want = []
+  for subset in eval_texts.SUGARCREPE_SUBSETS:
+    recs = json.load(open(f"{sugar}/{subset}.json", encoding="utf-8"))
+    for k in sorted(recs, key=int):
+      want += [recs[k]["caption"], recs[k]["negative_caption"]]
+  assert run_banks(tmp_path, f"--sugarcrepe={sugar}") == distinct(want)
 
 
 def test_flickr30k_csv_and_jsonl_layouts(tmp_path):
@@ -51,59 +81,63 @@ def test_flickr30k_csv_and_jsonl_layouts(tmp_path):
   csv_path.write_text('raw,sentids,split,filename,img_id\n'
                       '"[""A man ."", ""A tall man .""]","[0, 1]",test,1.jpg,0\n'
                       '"[""A dog .""]","[2]",train,2.jpg,1\n', encoding="utf-8")
-  assert banks.retrieval_captions(str(csv_path), split="test") == ["A man .", "A tall man ."]
-  assert banks.retrieval_captions(str(csv_path), first_only=True) == ["A man .", "A dog ."]
+  assert run_banks(tmp_path, f"--captions={csv_path}", "--split=test") == ["A man .",
+                                                                          "A tall man ."]
+  assert run_banks(tmp_path, f"--captions={csv_path}", "--first_caption_only") == ["A man .",
+                                                                                   "A dog ."]
   jsonl = tmp_path / "caps.jsonl"
   jsonl.write_text('{"image": "a.jpg", "captions": ["x", "y"]}\n{"filename": "b.jpg", '
                    '"caption": "z"}\n', encoding="utf-8")
-  assert banks.retrieval_captions(str(jsonl)) == ["x", "y", "z"]
+  assert run_banks(tmp_path, f"--captions={jsonl}", name="t.txt") == ["x", "y", "z"]
 
 
-def synthetic_eval_dir(root):
-  """The layout of the project's synthetic evaluation set, in miniature."""
-  comp = root / "compositional"
-  comp.mkdir(parents=True)
-  (comp / "swap_color.json").write_text(json.dumps({
-      "0": {"filename": "0.png", "caption": "a red circle left of a blue square",
-            "negative_caption": "a blue circle left of a red square"},
-      "1": {"filename": "1.png", "caption": "a green triangle",
-            "negative_caption": "a red circle left of a blue square"}}), encoding="utf-8")
-  cls = root / "classification"
-  cls.mkdir()
-  (cls / "classnames.txt").write_text("circle\nsquare\n", encoding="utf-8")
-  (cls / "templates.txt").write_text("a photo of a {}.\na drawing of a {}\n", encoding="utf-8")
-  ret = root / "retrieval"
-  ret.mkdir()
-  (ret / "captions.tsv").write_text("filename\tcaption_index\tcaption\n0.png\t0\ta green "
-                                    "triangle\n0.png\t1\tone green shape\n", encoding="utf-8")
+def test_synthetic_eval_dir_and_training_config(tmp_path):
+  """--eval_dir lists a synthetic set's texts through the same specs as training's evaluation;
+  --config lists a training config's texts as eval.main --write_texts does."""
+  folder = str(tmp_path / "eval")
+  synthetic.write_eval(folder, synthetic.Settings(num_eval=6, image_size=32))
+  want = []
+  for subset in synthetic.SUBSETS:
+    recs = json.load(open(f"{folder}/compositional/{subset}.json", encoding="utf-8"))
+    want += [t for k in sorted(recs, key=int)
+             for t in (recs[k]["caption"], recs[k]["negative_caption"])]
+  want += [t.replace("{}", n) for n in lines(f"{folder}/classification/classnames.txt")
+           for t in lines(f"{folder}/classification/templates.txt")]
+  want += [r.split("\t")[2] for r in lines(f"{folder}/retrieval/captions.tsv")[1:]]
+  texts = run_banks(tmp_path, f"--eval_dir={folder}")
+  assert texts == distinct(want)
+  config = tmp_path / "cfg.py"
+  config.write_text("import ml_collections\n"
+                    "def get_config():\n"
+                    "  return ml_collections.ConfigDict({'evals': {'benchmarks': "
+                    f"{synthetic.eval_benchmarks(folder)!r}}}}})\n", encoding="utf-8")
+  # (a ConfigDict keeps its benchmarks in sorted order: the same texts, listed in another order)
+  assert sorted(run_banks(tmp_path, f"--config={config}")) == sorted(texts)
+  assert sorted(run_banks(tmp_path, f"--config={config}", name="t.txt")) == sorted(texts)
 
 
-def test_eval_dir_texts_and_cli(tmp_path):
-  synthetic_eval_dir(tmp_path / "eval")
-  texts = banks.eval_dir_texts(str(tmp_path / "eval"))
-  assert texts == [
-      "a red circle left of a blue square", "a blue circle left of a red square",
-      "a green triangle", "a photo of a circle.", "a drawing of a circle",
-      "a photo of a square.", "a drawing of a square", "one green shape"]
-  out = tmp_path / "texts.json"
-  assert banks.main(["--eval_dir", str(tmp_path / "eval"), "--out", str(out)]) == 0
-  assert json.loads(out.read_text(encoding="utf-8")) == texts
-  lines = tmp_path / "texts.txt"
-  assert banks.main(["--classnames", str(tmp_path / "eval/classification/classnames.txt"),
-                     "--templates", str(tmp_path / "eval/classification/templates.txt"),
-                     "--captions", str(tmp_path / "eval/retrieval/captions.tsv"),
-                     "--first_caption_only", "--out", str(lines)]) == 0
-  assert lines.read_text(encoding="utf-8").splitlines() == texts[3:7] + ["a green triangle"]
-  assert banks.main(["--sugarcrepe", str(tmp_path / "missing"), "--out", str(out)]) == 1
-  with pytest.raises(ValueError, match="line break"):
-    banks.write_texts(str(tmp_path / "x.txt"), ["two\nlines"])
+def test_cli_errors_are_one_line(tmp_path):
+  out = str(tmp_path / "x.json")
+  with pytest.raises(cli.UsageError, match="name at least one source"):
+    banks.main([f"--out={out}"])
+  with pytest.raises(cli.UsageError, match="--out=FILE is required"):
+    banks.main([f"--sugarcrepe={tmp_path}"])
+  with pytest.raises(FileNotFoundError, match="add_obj.json"):
+    banks.main([f"--sugarcrepe={tmp_path}", f"--out={out}"])  # no subset files there
+  with pytest.raises(cli.UsageError, match="line break"):
+    eval_texts.write_texts(str(tmp_path / "x.txt"), ["two\nlines"])
+  run = subprocess.run([sys.executable, "-m", "embed.banks", f"--captions={tmp_path}/none.tsv",
+                        f"--out={out}"], capture_output=True, text=True, cwd=REPO)
+  lines_ = run.stderr.strip().splitlines()
+  assert run.returncode == 1 and len(lines_) == 1, run.stderr
+  assert lines_[0].startswith("python -m embed.banks: error: ") and "none.tsv" in lines_[0]
 
 
 def test_text_bank_mode(tmp_path, minilm_path):
   texts = ["a photo of a dog", "a photo of a cat", "a photo of a dog", "",
            "two lines:\nsecond", "caf\u00e9 \u2014 Zürich", "  padded  "]
   path = tmp_path / "texts.json"
-  banks.write_texts(str(path), texts)
+  eval_texts.write_texts(str(path), texts)
   out = str(tmp_path / "bank")
   summary = job.run(minilm_config(minilm_path, texts=str(path), output=out, bank_shard_size=2))
   assert summary["written"] == 3 and summary["empty"] == 1
@@ -125,7 +159,7 @@ def test_text_bank_mode(tmp_path, minilm_path):
   assert (again["written"], again["skipped"]) == (0, 3)
   assert job.run(minilm_config(minilm_path, texts=str(path), output=out, bank_shard_size=2,
                                verify=True))["problems"] == 0
-  banks.write_texts(str(path), texts + ["one more"])
+  eval_texts.write_texts(str(path), texts + ["one more"])
   with pytest.raises(EmbedError, match="texts_sha256: .* new output folder"):
     job.run(minilm_config(minilm_path, texts=str(path), output=out, bank_shard_size=2))
 

@@ -215,29 +215,72 @@ def test_manifest_rebuilt_from_parts_and_parts_from_manifest(images, clean_run, 
   assert len(writer.read_entries(out)) == 3
 
 
-def test_changed_image_shards_are_a_clear_error(clean_run, tmp_path, minilm_path):
+def image_manifest(folder):
+  """manifest.json of an image folder, as convert writes it: file, count and SHA-256 per shard."""
+  entries = [{"file": os.path.basename(p), "count": records.count_records(p),
+              "sha256": records.sha256_file(p)}
+             for p in records.list_shards(folder, records.IMAGES)]
+  records.write_manifest(folder, {"kind": "images", "shards": entries})
+  return {e["file"]: e["sha256"] for e in entries}
+
+
+def test_reconverted_image_shards_are_embedded_again(clean_run, tmp_path, minilm_path):
+  """Captions corrected under the same keys: verify names the stale shard, a re-run redoes it
+  (and only it) with the new captions; the manifest records what each shard embedded."""
   import shutil
 
   out = str(tmp_path / "out")
   shutil.copytree(clean_run[0], out)
   images = str(tmp_path / "images")
-  # Shard 1 has one record more: a count mismatch, found by a plain re-run.
+  write_image_shards(images, SHARDS)
+  digests = image_manifest(images)
+  assert job.run(minilm_config(minilm_path, images=images, output=out, verify=True))[
+      "problems"] == 0
+  corrected = [c.upper() for c in SHARDS[1]]
+  write_image_shards(images, [SHARDS[0], corrected, SHARDS[2]])
+  digests = image_manifest(images)
+  with pytest.raises(EmbedError, match=r"embeddings-00001-of-00003.array_record: embedded from "
+                                       r"another version of its image shard .*re-run"):
+    job.run(minilm_config(minilm_path, images=images, output=out, verify=True))
+  summary = job.run(minilm_config(minilm_path, images=images, output=out))
+  assert (summary["written"], summary["skipped"]) == (1, 2)
+  keys, got, _ = vectors(os.path.join(out, "embeddings-00001-of-00003.array_record"))
+  assert keys == [f"img1_{j}" for j in range(14)]
+  np.testing.assert_allclose(got, direct_vectors(minilm_path, corrected), atol=2e-3)
+  manifest = records.read_manifest(out)
+  assert {e["image_shard"]: e["image_sha256"] for e in manifest["shards"]} == digests
+  assert job.run(minilm_config(minilm_path, images=images, output=out, verify=True))[
+      "problems"] == 0
+  # A shard that gained a record is redone too, and stays aligned.
+  write_image_shards(images, [SHARDS[0], corrected, SHARDS[2] + ["extra"]])
+  image_manifest(images)
+  summary = job.run(minilm_config(minilm_path, images=images, output=out))
+  assert (summary["written"], summary["skipped"]) == (1, 2)
+  records.check_aligned(images, out, check_keys=True)
+
+
+def test_entries_without_image_digests_are_still_checked(clean_run, tmp_path, minilm_path):
+  """Output written before image digests were recorded: counts and end keys must agree."""
+  import shutil
+
+  out = str(tmp_path / "out")
+  shutil.copytree(clean_run[0], out)
+  for path in [os.path.join(out, records.MANIFEST)] + [
+      writer.entry_path(out, e) for e in writer.read_entries(out)]:
+    data = json.load(open(path, encoding="utf-8"))
+    for e in data.get("shards", [data]):
+      e.pop("image_sha256", None)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(data, f)
+  images = str(tmp_path / "images")
   write_image_shards(images, [SHARDS[0], SHARDS[1] + ["extra"], SHARDS[2]])
   with pytest.raises(EmbedError, match=r"embeddings-00001-of-00003.array_record holds 14 records "
                                        r"but its image shard .*images-00001-of-00003.array_record "
                                        r"holds 15"):
     job.run(minilm_config(minilm_path, images=images, output=out))
-  # Same counts, one key renamed in the middle: found by verify.
   write_image_shards(images, SHARDS)
-  renamed = [records.image_record(("renamed" if j == 5 else f"img2_{j}"), b"x", c)
+  renamed = [records.image_record(("first_renamed" if j == 0 else f"img2_{j}"), b"x", c)
              for j, c in enumerate(SHARDS[2])]
-  records.write_shard(os.path.join(images, "images-00002-of-00003.array_record"), renamed)
-  job.run(minilm_config(minilm_path, images=images, output=out))  # first and last keys agree
-  with pytest.raises(EmbedError, match=r"embeddings-00002-of-00003.array_record: record 5 has key "
-                                       r"'img2_5'; .* has 'renamed'"):
-    job.run(minilm_config(minilm_path, images=images, output=out, verify=True))
-  # A first key that differs is found by a plain re-run.
-  renamed[0] = records.image_record("first_renamed", b"x", SHARDS[2][0])
   records.write_shard(os.path.join(images, "images-00002-of-00003.array_record"), renamed)
   with pytest.raises(EmbedError, match=r"record 0 has key 'img2_0' but its image shard"):
     job.run(minilm_config(minilm_path, images=images, output=out))
@@ -248,11 +291,11 @@ def test_other_settings_or_shard_count_are_refused(images, clean_run, tmp_path, 
 
   out = str(tmp_path / "out")
   shutil.copytree(clean_run[0], out)
-  with pytest.raises(EmbedError, match=r"max_length: 77 before, 32 now.*new output folder"):
+  with pytest.raises(EmbedError, match=r"max_length: 77 -> 32.*new output folder"):
     job.run(minilm_config(minilm_path, images=images, output=out, max_length=32))
   other = str(tmp_path / "other")
   write_image_shards(other, SHARDS[:2])
-  with pytest.raises(EmbedError, match=r"num_shards: 3 before, 2 now"):
+  with pytest.raises(EmbedError, match=r"num_shards: 3 -> 2"):
     job.run(minilm_config(minilm_path, images=other, output=out))
   # Shards without any manifest (copied by hand) are refused too.
   shutil.rmtree(os.path.join(out, writer.PARTS))

@@ -21,7 +21,7 @@ from embed import main
 sys.argv = ["embed.main"] + sys.argv[1:]
 code = 0
 try:
-  app.run(main.main)
+  app.run(main.command)
 except SystemExit as e:
   code = e.code
 print("JAX_MODULES=" + ",".join(sorted(m for m in sys.modules if m.split(".")[0] == "jax")))
@@ -105,5 +105,6 @@ def test_cli_errors_are_one_line(tmp_path):
   proc = subprocess.run(command(str(tmp_path / "empty"), str(tmp_path / "out")), cwd=REPO,
                         capture_output=True, text=True, env=environment(), timeout=300)
   assert proc.returncode == 1
-  assert "embed: error: no 'images-*-of-*.array_record' shards in" in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "python -m embed.main: error: no 'images-*-of-*.array_record' shards in")
   assert "Traceback" not in proc.stderr

@@ -146,7 +146,7 @@ def test_required_texts_without_jax():
   d = shared_data()
   code = f"""
 import sys, json
-from eval.texts import required_texts
+from eval.benchmarks import required_texts
 evals = {{"benchmarks": {{
   "sugarcrepe": {{"type": "sugarcrepe", "data_dir": "{d}/sugarcrepe", "image_dir": "/none"}},
   "imagenet": {{"type": "zeroshot", "image_dir": "/none", "protocol": "lift",

@@ -16,7 +16,8 @@ from conftest import shared_data
 from eval import metrics, reference
 from eval.evaluators import EvalRunner
 from eval.predictor import TextBankError
-from eval.texts import SUGARCREPE_SUBSETS, required_texts
+from eval.benchmarks import required_texts
+from eval.texts import SUGARCREPE_SUBSETS
 from eval_fixtures import config, lift_model_config, clip_model_config, odd_images
 from eval_fixtures import stand_in_image, tiny_model, write_bank
 

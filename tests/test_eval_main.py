@@ -12,7 +12,7 @@ from conftest import REPO, shared_data
 from eval import main as eval_main
 from eval.evaluators import EvalRunner
 from eval.predictor import TextBankError
-from eval.texts import required_texts
+from eval.benchmarks import required_texts
 from eval_fixtures import config, lift_model_config, tiny_model, write_bank
 from lift_jax import checkpoint
 from lift_jax.checkpoint import CheckpointError

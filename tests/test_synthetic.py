@@ -8,13 +8,17 @@ import io
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO
 from eval import texts
+from lift_jax import cli
 from lift_jax.data import records
 from lift_jax.data import synthetic
 
@@ -259,7 +263,7 @@ def test_eval_files_read_by_eval_texts(small_set):
   assert len(set(all_first)) == len(all_first)  # no two retrieval images share a description
   for filename, (a, b) in caps.items():
     assert is_true(scenes[filename], a) and is_true(scenes[filename], b)
-  assert texts.sugarcrepe_texts(os.path.join(folder, "compositional"))
+  assert all(texts.read_sugarcrepe(os.path.join(folder, "compositional")).values())
   manifest = records.read_manifest(folder)
   assert manifest["counts"]["compositional"] == {s: 120 for s in texts.SUGARCREPE_SUBSETS}
 
@@ -287,3 +291,18 @@ def test_cli_and_resume_of_a_damaged_set(tmp_path):
   os.remove(os.path.join(out, "eval", "images", "pair_00003.png"))
   synthetic.main(args)
   assert all_files(out) == before
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  out = str(tmp_path / "x")
+  with pytest.raises(cli.UsageError, match="--output=DIR is required"):
+    synthetic.main(["--num_train=10"])
+  with pytest.raises(cli.UsageError, match="num_trian"):
+    synthetic.main([f"--output={out}", "--num_trian=10"])
+  run = subprocess.run([sys.executable, "-m", "lift_jax.data.synthetic", f"--output={out}",
+                        "--image_size=8", "--no_progress"], capture_output=True, text=True,
+                       cwd=REPO)
+  lines = run.stderr.strip().splitlines()
+  assert run.returncode == 1 and len(lines) == 1, run.stderr
+  assert lines[0] == ("python -m lift_jax.data.synthetic: error: image_size=8: at least 16 px "
+                      "are needed to draw two objects; use --image_size=16 or more")

@@ -1,4 +1,4 @@
-"""Builds image shards (``images-XXXXX-of-YYYYY.array_record`` + ``manifest.json``) from raw pairs.
+r"""Builds image shards (``images-XXXXX-of-YYYYY.array_record`` + ``manifest.json``) from raw pairs.
 
     python -m lift_jax.data.convert --output=DIR --tars='shards/*.tar' \
         [--extra_captions=recap.parquet]
@@ -14,7 +14,7 @@ Sources
   such as ``uid``); ``--extra_fields=re_caption:recaption`` copies the parquet column
   ``re_caption`` into the record field ``recaption`` (Recap-DataComp's long captions). Tars must be
   uncompressed (img2dataset's default): members are read by offset, in parallel.
-* an image folder plus a captions file read by :func:`eval.texts.read_captions` (TSV
+* an image folder plus a captions file read by :func:`lift_jax.data.captions.read_captions` (TSV
   ``filename<TAB>caption_index<TAB>caption``, CSV with ``filename``/``caption`` columns, JSONL,
   COCO ``captions_*.json``). File names in the captions file are paths relative to the folder.
   The key is that relative path without its extension (``sub/img001``). Records keep every caption:
@@ -48,7 +48,12 @@ Skipped (no record written): ``zero_byte``, ``unreadable_image`` (undecodable or
 ``--max_aspect_ratio``), ``missing_caption`` (absent or blank), ``undecodable_caption`` (not
 UTF-8), ``bad_json``, ``missing_image`` (a caption or sidecar without an image),
 ``duplicate_key`` (every occurrence of a key after the first: a later tar, or ``a.png`` beside
-``a.jpg`` in a folder, where the first in sorted order is kept), ``missing_extra_caption``.
+``a.jpg`` in a folder, where the first in sorted order is kept), ``missing_extra_caption``,
+``truncated_tar`` (a sample of a tar cut off mid-download that lost its image or caption).
+Tars themselves (``tars/...``, with their paths as examples; all of them listed in
+``manifest["source"]["bad_tars"]``): ``truncated`` (its complete samples are kept),
+``not_a_tar``, ``compressed``, ``unreadable`` (skipped whole). The run fails only when nothing
+could be listed at all.
 Converted to RGB and re-encoded as JPEG at ``--jpeg_quality`` (kept): ``cmyk``, ``16bit``, ``palette``, ``alpha``
 (composited on white), ``grayscale``, ``other_mode``, ``format`` (RGB but not JPEG/PNG/WebP).
 Dropped captions of kept images (folder sources): ``empty``, ``undecodable``.
@@ -57,7 +62,6 @@ EXIF orientation is not applied (as in the reference loader); animated images ke
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import functools
@@ -66,238 +70,30 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import posixpath
 import sys
 import tarfile
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
+from absl import flags
 from PIL import Image
 
 from lift_jax import cli
+from lift_jax.data import captions as captions_lib
 from lift_jax.data import records
+from lift_jax.data import shards
 from lift_jax.data import transforms
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _KEPT_FORMATS = ("JPEG", "PNG", "WEBP")  # stored as found; others are re-encoded
-_EXAMPLES = 5  # example keys kept per reason in reports
-SAMPLES_PER_SHARD = 10_000  # --num_shards=0 picks ceil(N / this)
 
 
 @cli.user_error
 class ConvertError(ValueError):
   """The input or the output folder is not usable; the message names the file or key."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------
-
-
-class Report:
-  """Counts of outcomes by ``section/reason`` tags, with a few example keys per tag.
-
-  Sections: ``skipped`` (no record), ``converted`` (kept, re-encoded as RGB JPEG),
-  ``captions_dropped`` (kept, some captions removed), ``notes``; the bare tag ``resized`` counts
-  pre-resized images and ``written`` the records written.
-  """
-
-  def __init__(self, data: dict[str, Any] | None = None):
-    self.counts: collections.Counter = collections.Counter()
-    self.examples: dict[str, list[str]] = {}
-    if data:
-      self.merge(data)
-
-  def add(self, key: str, tags: Iterable[str], n: int = 1) -> None:
-    for tag in tags:
-      self.counts[tag] += n
-      if "/" not in tag:
-        continue  # plain tallies (written, resized) need no examples
-      ex = self.examples.setdefault(tag, [])
-      if len(ex) < _EXAMPLES and key not in ex:
-        ex.append(key)
-
-  def merge(self, data: dict[str, Any]) -> None:
-    for tag, n in data.get("counts", {}).items():
-      self.counts[tag] += n
-    for tag, keys in data.get("examples", {}).items():
-      ex = self.examples.setdefault(tag, [])
-      ex.extend(k for k in keys if k not in ex and len(ex) < _EXAMPLES)
-
-  def to_dict(self) -> dict[str, Any]:
-    return {"counts": dict(sorted(self.counts.items())),
-            "examples": {t: self.examples[t] for t in sorted(self.examples)}}
-
-  def section(self, name: str) -> dict[str, int]:
-    prefix = name + "/"
-    return {t[len(prefix):]: n for t, n in sorted(self.counts.items()) if t.startswith(prefix)}
-
-  def summary(self) -> str:
-    lines = [f"  written: {self.counts['written']}" +
-             (f" ({self.counts['resized']} pre-resized)" if self.counts["resized"] else "")]
-    for name in ("skipped", "converted", "captions_dropped", "notes"):
-      part = self.section(name)
-      if part:
-        lines.append(f"  {name}: {sum(part.values())}")
-        for reason, n in part.items():
-          ex = ", ".join(self.examples.get(f"{name}/{reason}", [])[:3])
-          lines.append(f"    {reason:<22} {n:>9}   e.g. {ex}")
-    if len(lines) == 1:
-      lines.append("  no bad input")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Sharded writing with resume (shared with the synthetic generator)
-# --------------------------------------------------------------------------------------------
-
-# A worker function maps one listed item to (key, packed record or None, report tags).
-Outcome = tuple[str, "bytes | None", tuple[str, ...]]
-
-
-def split_even(items: Sequence[Any], num_shards: int) -> list[Sequence[Any]]:
-  """Contiguous, balanced slices: shard i gets items[i*N//n : (i+1)*N//n]."""
-  n = len(items)
-  return [items[i * n // num_shards:(i + 1) * n // num_shards] for i in range(num_shards)]
-
-
-def _normalise(value: Any) -> Any:
-  return json.loads(json.dumps(value, sort_keys=True))
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-  """'key: old -> new' for every (nested) setting that differs."""
-  old, new = _flatten(old), _flatten(new)
-  keys = sorted(set(old) | set(new))
-  diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-  return "; ".join(d if len(d) < 200 else d[:200] + "..." for d in diffs)
-
-
-def _ordered_results(fn: Callable[[Any], Outcome], items: Iterable[Any], workers: int,
-                     chunksize: int) -> Iterator[Outcome]:
-  if workers <= 1:
-    yield from map(fn, items)
-    return
-  # spawn, not fork: callers (the trainer) may hold JAX threads, which fork would copy broken.
-  ctx = multiprocessing.get_context("spawn")
-  with ctx.Pool(workers) as pool:
-    yield from pool.imap(fn, items, chunksize=chunksize)
-
-
-def build_shards(folder: str, shards: Sequence[Sequence[Any]], fn: Callable[[Any], Outcome], *,
-                 identity: dict[str, Any], info: dict[str, Any] | None = None,
-                 base_report: Report | None = None, workers: int = 1, chunksize: int = 16,
-                 progress: bool = True, overwrite: bool = False, desc: str = "images",
-                 unit: str = "images",
-                 mismatch_hint: str = "use --overwrite or another output folder",
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Writes ``images-i-of-n`` shards of ``fn(item)`` records into ``folder``, resumably.
-
-  ``identity`` is everything the output depends on (options, a fingerprint of the input): an
-  existing manifest with another identity is an error (or discarded with ``overwrite``); with the
-  same identity, shards that verify against it are kept. Returns the final manifest.
-  """
-  os.makedirs(folder, exist_ok=True)
-  identity = _normalise(identity)
-  n = len(shards)
-  names = [records.shard_name(records.IMAGES, i, n) for i in range(n)]
-  done: dict[str, dict[str, Any]] = {}
-  manifest_path = os.path.join(folder, records.MANIFEST)
-  if os.path.exists(manifest_path) and not overwrite:
-    old = records.read_manifest(folder)
-    if old.get("identity") != identity:
-      raise ConvertError(
-          f"{manifest_path} was made from other input or options "
-          f"({_differences(old.get('identity') or {}, identity)}); {mismatch_hint}")
-    for entry in old["shards"]:
-      problem = records.verify_shard(folder, entry) if entry.get("file") in names else "unexpected"
-      if problem is None:
-        done[entry["file"]] = entry
-      else:
-        log(f"{os.path.join(folder, entry['file'])}: {problem}; it is written again")
-  # Stale temporaries of a killed run, and shards that no manifest vouches for, are removed.
-  for path in glob.glob(os.path.join(glob.escape(folder), f"{records.IMAGES}-*.array_record*")):
-    name = os.path.basename(path)
-    if name in done:
-      continue
-    if name.endswith(".array_record") and name not in names and not overwrite:
-      raise ConvertError(f"{path} does not belong to this output ({n} shards); "
-                         f"remove it or {mismatch_hint}")
-    os.remove(path)
-
-  def manifest(complete: bool) -> dict[str, Any]:
-    entries = [done[name] for name in names if name in done]
-    total = Report(base_report.to_dict() if base_report else None)
-    for e in entries:
-      total.merge(e["report"])
-    return {**(info or {}), "kind": "images", "identity": identity, "num_shards": n,
-            "complete": complete, "shards": entries, "total": sum(e["count"] for e in entries),
-            "report": total.to_dict(), "code_version": records.code_version()}
-
-  pending = [i for i in range(n) if names[i] not in done]
-  if not pending:
-    final = manifest(True)
-    old = records.read_manifest(folder) if os.path.exists(manifest_path) else {}
-    if not old.get("complete") or any(old.get(k) != final.get(k) for k in ("shards", "report")):
-      records.write_manifest(folder, final)
-    log(f"{folder}: all {n} shards are complete and verified; nothing to do")
-    return records.read_manifest(folder)
-  if done:
-    log(f"{folder}: resuming; {len(done)} of {n} shards verified and kept, {len(pending)} to write")
-  records.write_manifest(folder, manifest(False))
-
-  todo = sum(len(shards[i]) for i in pending)
-  bar = None
-  if progress:
-    from tqdm import tqdm
-
-    bar = tqdm(total=todo, unit="img", desc=desc, smoothing=0.05, dynamic_ncols=True)
-  start = time.perf_counter()
-  results = _ordered_results(fn, (item for i in pending for item in shards[i]), workers,
-                             chunksize)
-  try:
-    for i in pending:
-      report = Report()
-
-      def produce(count=len(shards[i]), report=report):
-        for _ in range(count):
-          key, record, tags = next(results)
-          report.add(key, tags + (("written",) if record is not None else ()))
-          if bar is not None:
-            bar.update(1)
-          if record is not None:
-            yield record
-
-      entry = records.write_shard(os.path.join(folder, names[i]), produce(),
-                                  records.UNCOMPRESSED)
-      entry["items"] = len(shards[i])
-      entry["report"] = report.to_dict()
-      done[names[i]] = entry
-      records.write_manifest(folder, manifest(i == pending[-1]))
-  finally:
-    if bar is not None:
-      bar.close()
-    results.close()  # stops the worker pool if a shard failed
-  seconds = time.perf_counter() - start
-  final = records.read_manifest(folder)
-  final_report = Report(final["report"])
-  log(f"{folder}: wrote {len(pending)} of {n} shards, {todo} {unit} in {seconds:.1f} s "
-      f"({todo / max(seconds, 1e-9):.0f} {unit}/s); {final['total']} records in all\n"
-      f"{final_report.summary()}")
-  return final
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +162,7 @@ def _read(loc: tuple) -> bytes:
   return data
 
 
-def process_item(opts: Options, item: tuple[str, tuple, dict[str, Any]]) -> Outcome:
+def process_item(opts: Options, item: tuple[str, tuple, dict[str, Any]]) -> shards.Outcome:
   """Reads, judges and (if needed) re-encodes one image; returns its record or why it was not."""
   key, loc, fields = item
   try:
@@ -457,18 +253,16 @@ def _clean_caption_file(path: str) -> tuple[str, list[str]]:
 
 
 def list_folder(images: str, captions: str, opts: Options
-                ) -> tuple[list[tuple[str, tuple, dict[str, Any]]], Report, str]:
+                ) -> tuple[list[tuple[str, tuple, dict[str, Any]]], shards.Report, str]:
   """Items (key, location, record fields), the listing's report and a fingerprint of the input."""
-  from eval import texts
-
   if not os.path.isdir(images):
     raise ConvertError(f"--images={images} is not a folder")
   if not os.path.exists(captions):
     raise ConvertError(f"--captions={captions} does not exist")
-  report = Report()
+  report = shards.Report()
   clean, undecodable = _clean_caption_file(captions)
   try:
-    caps = texts.read_captions(clean)
+    caps = captions_lib.read_captions(clean)
   except (ValueError, KeyError, IndexError) as e:
     raise ConvertError(f"{captions}: cannot read captions ({e})") from None
   finally:
@@ -525,7 +319,7 @@ def list_folder(images: str, captions: str, opts: Options
 
 
 def load_extra_captions(paths: Sequence[str], join_field: str, columns: Sequence[str],
-                        report: Report) -> dict[str, tuple]:
+                        report: shards.Report) -> dict[str, tuple]:
   """{join value (as str): (column values...)} from parquet files; repeated join values keep the
   first row and are counted under ``notes/duplicate_extra_row``."""
   import pyarrow.parquet as pq
@@ -589,12 +383,80 @@ def _sample_fields(key: str, group: dict[str, tarfile.TarInfo], tf: tarfile.TarF
   return fields, None
 
 
-def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] | None
-                    ) -> tuple[list[tuple[str, tuple, dict[str, Any]]], Report, str]:
-  """Items (key, location, record fields), the listing's report and a fingerprint of the input."""
+_TAR_PROBLEMS = {
+    "not_a_tar": "not a tar file",
+    "compressed": "a compressed tar (members are read by offset): decompress it first",
+    "unreadable": "cannot be read",
+}
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+def _sample_key(member_name: str) -> str:
+  dirname, base = posixpath.split(member_name)
+  dot = base.find(".")
+  return posixpath.join(dirname, base[:dot] if dot > 0 else base)
+
+
+def _tar_members(path: str
+                 ) -> tuple[list[tarfile.TarInfo], list[str], str | None, str | None]:
+  """(complete members, names of members cut off, why the tar is cut short or None, why it is
+  unusable or None).
+
+  A download cut off mid-way keeps every member whose data lies wholly inside the file; a file
+  that is not an uncompressed tar gives no members and a reason (see ``_TAR_PROBLEMS``).
+  """
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(6)
+  except OSError:
+    return [], [], None, "unreadable"
+  if head.startswith(_COMPRESSED_MAGIC):
+    return [], [], None, "compressed"
+  members: list[tarfile.TarInfo] = []
+  cut = None
+  try:
+    with tarfile.open(path, "r:") as tf:
+      try:
+        for m in tf:
+          members.append(m)
+      except (tarfile.ReadError, EOFError, OSError) as e:
+        cut = str(e) or type(e).__name__
+  except (tarfile.ReadError, EOFError):
+    return [], [], None, "not_a_tar"
+  except OSError:
+    return [], [], None, "unreadable"
+  complete = [m for m in members if m.offset_data + m.size <= size]
+  lost = [m.name for m in members if m.offset_data + m.size > size]
+  if lost:
+    cut = cut or "a member's data runs past the end of the file"
+  elif cut is None and size % tarfile.BLOCKSIZE:
+    cut = "the file ends inside a 512-byte tar block"
+  if not complete and cut is None and size > 0 and not _looks_like_empty_tar(path, size):
+    return [], [], None, "not_a_tar"
+  return complete, lost, cut, None
+
+
+def _looks_like_empty_tar(path: str, size: int) -> bool:
+  """A tar without members is zero blocks only."""
+  with open(path, "rb") as f:
+    return not f.read(min(size, 1 << 16)).strip(b"\0")
+
+
+def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] | None,
+                    log: Callable[[str], None] = print, bad_tars: dict[str, str] | None = None
+                    ) -> tuple[list[tuple[str, tuple, dict[str, Any]]], shards.Report, str]:
+  """Items (key, location, record fields), the listing's report and a fingerprint of the input.
+
+  A tar cut short keeps its complete samples (the rest are ``skipped/truncated_tar``, the tar is
+  counted under ``tars/truncated``); a file that is not an uncompressed tar is skipped and
+  counted under ``tars/<reason>``. Every such tar is named in the log and in ``bad_tars``
+  ({path: reason}).
+  """
+  bad_tars = {} if bad_tars is None else bad_tars
   if opts.caption_source != "txt" and not opts.caption_source.startswith("json:"):
     raise ConvertError(f"--caption_source={opts.caption_source}: expected 'txt' or 'json:FIELD'")
-  report = Report()
+  report = shards.Report()
   items = []
   seen: set[str] = set()
   listed = 0
@@ -602,14 +464,25 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
   for tar_path in tars:
     if opts.limit and listed >= opts.limit:
       break
-    try:
-      tf = tarfile.open(tar_path, "r:")  # "r:" refuses compressed tars: members are read by offset
-    except tarfile.ReadError as e:
-      raise ConvertError(
-          f"{tar_path}: not an uncompressed tar ({e}); decompress it first") from None
-    with tf:
+    members, lost, cut, problem = _tar_members(tar_path)
+    if problem is not None:
+      report.add(tar_path, (f"tars/{problem}",))
+      bad_tars[tar_path] = problem
+      log(f"{tar_path}: skipped, {_TAR_PROBLEMS[problem]}")
+      continue
+    if cut is not None:
+      report.add(tar_path, ("tars/truncated",))
+      bad_tars[tar_path] = "truncated"
+      log(f"{tar_path}: cut short ({cut}); its {len(members)} complete members are kept, the "
+          "samples it lost are counted as skipped/truncated_tar")
+    # The samples of members cut off, and the last sample before the cut (it may have lost
+    # members that came after it), are counted as truncated_tar when incomplete.
+    cut_keys = {_sample_key(name) for name in lost}
+    if cut is not None and members:
+      cut_keys.add(_sample_key(members[-1].name))
+    with open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
       groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-      for m in tf:
+      for m in members:
         if not m.isfile():
           continue
         dirname, base = posixpath.split(m.name)
@@ -623,13 +496,16 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
           report.add(key, ("skipped/duplicate_key",))  # the same member twice in one tar
         else:
           group[ext] = m
+      for name in lost:
+        groups.setdefault(_sample_key(name), {})  # a sample whose members were all cut off
       for key, group in groups.items():
         if opts.limit and listed >= opts.limit:
           break
         listed += 1
         images = [e for e in IMAGE_EXTENSIONS if e in group]
         if not images:
-          report.add(key, ("skipped/missing_image",))
+          report.add(key, ("skipped/truncated_tar",) if key in cut_keys
+                     else ("skipped/missing_image",))
           continue
         if key in seen:
           report.add(key, ("skipped/duplicate_key",))
@@ -638,6 +514,8 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
         for _ in images[1:]:
           report.add(key, ("skipped/duplicate_key",))  # KEY.jpg and KEY.png: which is meant?
         fields, reason = _sample_fields(key, group, tf, opts, extra)
+        if reason == "missing_caption" and key in cut_keys:
+          reason = "truncated_tar"
         if reason is not None:
           report.add(key, (f"skipped/{reason}",))
           continue
@@ -656,7 +534,12 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
 def _expand(patterns: Sequence[str], what: str) -> list[str]:
   paths: list[str] = []
   for pattern in patterns:
+    if os.path.isdir(pattern):
+      flag = {"tar": "--tars", "parquet": "--extra_captions"}.get(what, what)
+      raise ConvertError(f"{flag}={pattern} is a folder; give the files or a quoted glob, e.g. "
+                         f"{flag}='{os.path.join(pattern, '*.' + what)}'")
     found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    found = [p for p in found if not os.path.isdir(p)]
     if not found or not all(os.path.exists(p) for p in found):
       raise ConvertError(f"{what} {pattern}: no such file")
     paths.extend(p for p in found if p not in paths)
@@ -676,15 +559,17 @@ def convert(output: str, *, tars: Sequence[str] = (), images: str | None = None,
   listing_start = time.perf_counter()
   if tars:
     tar_paths = _expand(tars, "tar")
-    report = Report()
+    report = shards.Report()
     extra = None
     if extra_captions:
       columns = [c for c, _ in options.extra_fields]
       extra = load_extra_captions(_expand(extra_captions, "parquet"), options.join_field, columns,
                                   report)
-    items, listing, fingerprint = list_webdataset(tar_paths, options, extra)
+    bad_tars: dict[str, str] = {}
+    items, listing, fingerprint = list_webdataset(tar_paths, options, extra, log, bad_tars)
     listing.merge(report.to_dict())
     source = {"type": "webdataset", "tars": [os.path.abspath(p) for p in tar_paths],
+              "bad_tars": {os.path.abspath(p): why for p, why in bad_tars.items()},
               "extra_captions": [os.path.abspath(p) for p in _expand(extra_captions, "parquet")]
               if extra_captions else []}
     fields = ["key", "image", "caption"] + [t for _, t in options.extra_fields if extra_captions]
@@ -699,64 +584,61 @@ def convert(output: str, *, tars: Sequence[str] = (), images: str | None = None,
   listed = len(items) + sum(listing.section("skipped").values())
   log(f"listed {listed} samples in {time.perf_counter() - listing_start:.1f} s: {len(items)} to "
       f"convert, {listed - len(items)} skipped while listing")
-  num_shards = options.num_shards or max(1, math.ceil(len(items) / SAMPLES_PER_SHARD))
+  num_shards = options.num_shards or max(1, math.ceil(len(items) / shards.SAMPLES_PER_SHARD))
   if not items:
     raise ConvertError(f"nothing to convert from {source}:\n{listing.summary()}")
-  shards = split_even(items, num_shards)
+  slices = shards.split_even(items, num_shards)
   identity = {"options": {**options.output_options(), "num_shards": num_shards},
               "input_sha256": fingerprint, "items": len(items)}
   info = {"source": source, "fields": fields, "options": identity["options"]}
-  return build_shards(
-      output, shards, functools.partial(process_item, options), identity=identity, info=info,
+  return shards.build_shards(
+      output, slices, functools.partial(process_item, options), identity=identity, info=info,
       base_report=listing, workers=workers if workers is not None else (os.cpu_count() or 1),
-      chunksize=16, progress=progress, overwrite=overwrite, log=log)
+      chunksize=16, progress=progress, overwrite=overwrite, error=ConvertError, log=log)
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m lift_jax.data.convert",
-      description="Build lift_jax image shards (images-XXXXX-of-YYYYY.array_record + "
-                  "manifest.json) from webdataset tars or an image folder with a captions file. "
-                  "Re-running the same command resumes.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--output", required=True, help="output folder for shards and manifest.json")
-  src = p.add_argument_group("source (tars, or images + captions)")
-  src.add_argument("--tars", action="append", default=[],
-                   help="webdataset tar file or glob; repeatable or comma-separated")
-  src.add_argument("--images", help="image folder (searched recursively)")
-  src.add_argument("--captions", help="captions file: TSV, CSV, JSONL or COCO captions_*.json")
-  src.add_argument("--caption_source", default="txt",
-                   help="tars: 'txt' (KEY.txt) or 'json:FIELD' (a field of KEY.json)")
-  src.add_argument("--extra_captions", action="append", default=[],
-                   help="tars: parquet file(s) or glob of extra captions joined by --join_field")
-  src.add_argument("--extra_fields", default="re_caption:recaption",
-                   help="COLUMN:FIELD[,COLUMN:FIELD]: parquet columns copied into record fields")
-  src.add_argument("--join_field", default="key",
-                   help="parquet column matched to the sample key ('key') or to that field of "
-                        "KEY.json (e.g. uid)")
-  src.add_argument("--json_fields", default="",
-                   help="tars: comma-separated KEY.json fields copied into records (e.g. uid,url)")
-  src.add_argument("--limit", type=int, default=0,
-                   help="convert only the first N samples of the listing (0: all)")
-  out = p.add_argument_group("output")
-  out.add_argument("--num_shards", type=int, default=0,
-                   help=f"number of shards (0: one per {SAMPLES_PER_SHARD} samples)")
-  out.add_argument("--resize", type=int, default=0,
-                   help="pre-resize: shorter side to N px (bicubic, never enlarged), saved as "
-                        "JPEG; 0 keeps the source bytes")
-  out.add_argument("--jpeg_quality", type=int, default=95,
-                   help="JPEG quality for resized and converted images")
-  out.add_argument("--min_image_size", type=int, default=32,
-                   help="skip images whose shorter side is below this (too_small)")
-  out.add_argument("--max_aspect_ratio", type=float, default=10.0,
-                   help="skip images whose longer/shorter side exceeds this (extreme_aspect)")
-  run = p.add_argument_group("run")
-  run.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="decode/encode processes (the output does not depend on it)")
-  run.add_argument("--overwrite", action="store_true",
-                   help="discard an existing output made with other input or options")
-  run.add_argument("--no_progress", action="store_true", help="no progress bar")
-  return p.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("output", None, "output folder for shards and manifest.json", flag_values=FLAGS)
+# Source: tars, or images + captions.
+flags.DEFINE_multi_string("tars", [], "webdataset tar file or glob; repeatable or comma-separated",
+                          flag_values=FLAGS)
+flags.DEFINE_string("images", None, "image folder (searched recursively)", flag_values=FLAGS)
+flags.DEFINE_string("captions", None, "captions file: TSV, CSV, JSONL or COCO captions_*.json",
+                    flag_values=FLAGS)
+flags.DEFINE_string("caption_source", "txt",
+                    "tars: 'txt' (KEY.txt) or 'json:FIELD' (a field of KEY.json)",
+                    flag_values=FLAGS)
+flags.DEFINE_multi_string("extra_captions", [], "tars: parquet file(s) or glob of extra captions "
+                          "joined by --join_field", flag_values=FLAGS)
+flags.DEFINE_string("extra_fields", "re_caption:recaption",
+                    "COLUMN:FIELD[,COLUMN:FIELD]: parquet columns copied into record fields",
+                    flag_values=FLAGS)
+flags.DEFINE_string("join_field", "key", "parquet column matched to the sample key ('key') or to "
+                    "that field of KEY.json (e.g. uid)", flag_values=FLAGS)
+flags.DEFINE_string("json_fields", "", "tars: comma-separated KEY.json fields copied into records "
+                    "(e.g. uid,url)", flag_values=FLAGS)
+flags.DEFINE_integer("limit", 0, "convert only the first N samples of the listing (0: all)",
+                     flag_values=FLAGS)
+# Output.
+flags.DEFINE_integer("num_shards", 0,
+                     f"number of shards (0: one per {shards.SAMPLES_PER_SHARD} samples)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("resize", 0, "pre-resize: shorter side to N px (bicubic, never enlarged), "
+                     "saved as JPEG; 0 keeps the source bytes", flag_values=FLAGS)
+flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality for resized and converted images",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("min_image_size", 32,
+                     "skip images whose shorter side is below this (too_small)", flag_values=FLAGS)
+flags.DEFINE_float("max_aspect_ratio", 10.0,
+                   "skip images whose longer/shorter side exceeds this (extreme_aspect)",
+                   flag_values=FLAGS)
+# Run.
+flags.DEFINE_integer("workers", os.cpu_count() or 1,
+                     "decode/encode processes (the output does not depend on it)",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "discard an existing output made with other input or "
+                  "options", flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=FLAGS)
 
 
 def _split_list(values: Sequence[str]) -> list[str]:
@@ -764,25 +646,26 @@ def _split_list(values: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = _parse_args(sys.argv[1:] if argv is None else argv)
+  """Build lift_jax image shards (images-XXXXX-of-YYYYY.array_record + manifest.json) from
+  webdataset tars or an image folder with a captions file. Re-running the same command resumes."""
+  cli.parse_flags(FLAGS, sys.argv[1:] if argv is None else argv, __doc__)
+  if not FLAGS.output:
+    raise cli.UsageError("--output=DIR is required: the folder to write the shards into")
   extra_fields = []
-  for pair in _split_list([args.extra_fields]):
+  for pair in _split_list([FLAGS.extra_fields]):
     column, _, field = pair.partition(":")
     extra_fields.append((column, field or column))
   options = Options(
-      num_shards=args.num_shards, resize=args.resize, jpeg_quality=args.jpeg_quality,
-      min_image_size=args.min_image_size, max_aspect_ratio=args.max_aspect_ratio,
-      caption_source=args.caption_source, extra_fields=tuple(extra_fields),
-      join_field=args.join_field, json_fields=tuple(_split_list([args.json_fields])),
-      limit=args.limit)
-  try:
-    return convert(args.output, tars=_split_list(args.tars), images=args.images,
-                   captions=args.captions, extra_captions=_split_list(args.extra_captions),
-                   options=options, workers=args.workers, progress=not args.no_progress,
-                   overwrite=args.overwrite)
-  except (ConvertError, records.RecordError) as e:
-    raise SystemExit(f"error: {e}") from None
+      num_shards=FLAGS.num_shards, resize=FLAGS.resize, jpeg_quality=FLAGS.jpeg_quality,
+      min_image_size=FLAGS.min_image_size, max_aspect_ratio=FLAGS.max_aspect_ratio,
+      caption_source=FLAGS.caption_source, extra_fields=tuple(extra_fields),
+      join_field=FLAGS.join_field, json_fields=tuple(_split_list([FLAGS.json_fields])),
+      limit=FLAGS.limit)
+  return convert(FLAGS.output, tars=_split_list(FLAGS.tars), images=FLAGS.images,
+                 captions=FLAGS.captions, extra_captions=_split_list(FLAGS.extra_captions),
+                 options=options, workers=FLAGS.workers, progress=not FLAGS.no_progress,
+                 overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run("python -m lift_jax.data.convert", lambda: bool(main()) and 0))

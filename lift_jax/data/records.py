@@ -14,7 +14,10 @@ Shards are ArrayRecord files written with ``group_size:1`` (random access), name
 
 Each folder of shards carries a ``manifest.json`` (see :func:`write_manifest`) with per-shard
 record counts and SHA-256 digests, so that an interrupted job can tell finished shards from
-damaged ones.
+damaged ones (:mod:`lift_jax.data.shards` writes folders of shards resumably). An embedding
+folder's entries also carry ``image_sha256``, the digest of the image shard they were computed
+from as the image folder's manifest recorded it; embeddings and text banks record their encoder
+settings (:data:`ENCODER_SETTINGS`, compared by :func:`check_same_encoder`).
 
 Records
 -------
@@ -42,7 +45,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import msgpack
 import numpy as np
 
-from lift_jax import cli
+from lift_jax import cli, common
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -214,13 +217,6 @@ def read_keys(path: str) -> list[str]:
   return [r["key"] for r in iter_records(path)]
 
 
-def _unique() -> str:
-  """A temporary-name suffix that differs between processes on different hosts sharing a disk."""
-  import socket
-
-  return f"{socket.gethostname()}-{os.getpid()}"
-
-
 def sha256_file(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -244,7 +240,7 @@ def write_shard(path: str, records: Iterable[bytes], options: str = "group_size:
   """
   from array_record.python import array_record_module
 
-  tmp = f"{path}.tmp-{_unique()}"
+  tmp = common.temporary_name(path)
   writer = array_record_module.ArrayRecordWriter(tmp, options)
   count = 0
   try:
@@ -302,11 +298,7 @@ def write_manifest(folder: str, manifest: dict[str, Any]) -> str:
   manifest.setdefault("format_version", FORMAT_VERSION)
   manifest.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat())
   path = os.path.join(folder, MANIFEST)
-  tmp = f"{path}.tmp-{_unique()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  common.write_json_atomic(path, manifest)
   return path
 
 
@@ -340,6 +332,44 @@ def check_aligned(image_folder: str, embedding_folder: str, check_keys: bool = F
       for idx, (a, b) in enumerate(zip(read_keys(img), read_keys(emb))):
         if a != b:
           raise RecordError(f"{emb} record {idx} has key {b!r}; image shard {img} has {a!r}")
+
+
+# The manifest fields of an embedding folder or a text bank that decide what a vector means: a
+# bank scored against a model trained on embeddings must agree with them on every one.
+ENCODER_SETTINGS = ("model", "revision", "encoder", "pooling", "instruction", "max_length",
+                    "append_eos", "normalized")
+
+
+@cli.user_error
+class EncoderMismatchError(RecordError):
+  """A text bank was made with other encoder settings than the training embeddings."""
+
+
+def encoder_differences(bank: dict[str, Any], embeddings: dict[str, Any]) -> list[str]:
+  """``"field: X in the embeddings, Y in the bank"`` for each of :data:`ENCODER_SETTINGS` on
+  which two manifests disagree (empty when they agree). A field that one manifest does not
+  record (a folder written by other code) cannot be compared and is left out."""
+  return [f"{k}: {embeddings[k]!r} in the embeddings, {bank[k]!r} in the bank"
+          for k in ENCODER_SETTINGS if k in bank and k in embeddings and bank[k] != embeddings[k]]
+
+
+def check_same_encoder(bank_folder: str, embeddings_folder: str, allow: bool = False
+                       ) -> list[str]:
+  """Compares the manifests of a text bank and of the training embeddings.
+
+  Raises :class:`EncoderMismatchError` naming both folders and every differing field, unless
+  ``allow`` (then the differences are returned for the caller to report). Returns [] when the
+  encoders agree.
+  """
+  diffs = encoder_differences(read_manifest(bank_folder), read_manifest(embeddings_folder))
+  if diffs and not allow:
+    raise EncoderMismatchError(
+        f"text bank {bank_folder} was made with other encoder settings than the training "
+        f"embeddings {embeddings_folder} ({'; '.join(diffs)}): scores against it are not "
+        "comparable. Re-embed the bank's texts with the embeddings' encoder config "
+        "(python -m embed.main --config=... --config.texts=FILE --config.output=DIR), or set "
+        "config.evals.allow_encoder_mismatch=True to evaluate anyway")
+  return diffs
 
 
 def load_text_bank(folder: str) -> tuple[dict[str, int], np.ndarray, dict[str, Any]]:

@@ -66,11 +66,9 @@ training images.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import io
-import json
 import logging
 import math
 import os
@@ -80,11 +78,13 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw
 
 from lift_jax import cli
-from lift_jax.data import convert
+from lift_jax import common
 from lift_jax.data import records
+from lift_jax.data import shards
 
 GENERATOR_VERSION = 1
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "heart")
@@ -372,16 +372,16 @@ class Settings:
   supersample: int = 2
 
   def identity(self, part: str, num_shards: int = 0) -> dict[str, Any]:
-    common = {"generator_version": GENERATOR_VERSION, "image_size": self.image_size,
+    shared = {"generator_version": GENERATOR_VERSION, "image_size": self.image_size,
               "seed": self.seed, "supersample": self.supersample, "shapes": list(SHAPES),
               "colors": {k: list(v) for k, v in COLORS.items()}}
     if part == "train":
-      return {**common, "num_train": self.num_train, "num_shards": num_shards,
+      return {**shared, "num_train": self.num_train, "num_shards": num_shards,
               "single_fraction": self.single_fraction, "omit_prob": self.omit_prob}
-    return {**common, "num_eval": self.num_eval}
+    return {**shared, "num_eval": self.num_eval}
 
 
-def train_pair(settings: Settings, index: int) -> convert.Outcome:
+def train_pair(settings: Settings, index: int) -> shards.Outcome:
   """Record ``index`` of the training set (a pure function of the settings and the index)."""
   rng = np.random.default_rng([settings.seed, _TRAIN, index])
   scene = sample_scene(rng, settings.image_size, settings.single_fraction)
@@ -502,14 +502,11 @@ def compositional_sample(subset: str, scene: Scene, rng: np.random.Generator
 
 
 def _write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  common.write_text_atomic(path, text)
 
 
 def _write_json(path: str, data: Any) -> None:
-  _write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+  common.write_json_atomic(path, data, sort_keys=False)
 
 
 def _eval_complete(folder: str, identity: dict[str, Any]) -> bool:
@@ -517,17 +514,31 @@ def _eval_complete(folder: str, identity: dict[str, Any]) -> bool:
   if not os.path.exists(path):
     return False
   old = records.read_manifest(folder)
-  if old.get("identity") != identity:
-    raise SyntheticSetError(
-        f"{path} was generated with other settings "
-        f"({convert._differences(old.get('identity') or {}, identity)}); "
-        f"use another output folder or delete {folder}")
+  shards.check_settings(path, old.get("identity") or {}, identity,
+                        f"use another output folder or delete {folder}", SyntheticSetError)
   return all(os.path.exists(os.path.join(folder, f)) for f in old.get("files", []))
+
+
+def eval_benchmarks(eval_dir: str) -> dict[str, dict[str, Any]]:
+  """The three evaluation suites of a synthetic set's ``eval/`` folder, as
+  ``config.evals.benchmarks`` entries (see :mod:`eval.benchmarks`)."""
+  images = os.path.join(eval_dir, "images")
+  return {
+      "compositional": {"type": "sugarcrepe", "data_dir": os.path.join(eval_dir, "compositional"),
+                        "image_dir": images},
+      "classification": {"type": "zeroshot", "image_dir": images,
+                         "labels": os.path.join(eval_dir, "classification", "labels.tsv"),
+                         "classnames": os.path.join(eval_dir, "classification", "classnames.txt"),
+                         "templates": os.path.join(eval_dir, "classification", "templates.txt")},
+      "retrieval": {"type": "retrieval", "image_dir": images,
+                    "captions": os.path.join(eval_dir, "retrieval", "captions.tsv"),
+                    "protocol": "standard"},
+  }
 
 
 def write_eval(folder: str, settings: Settings) -> dict[str, Any]:
   """Writes the eval images, the seven compositional sets, classification and retrieval files."""
-  identity = convert._normalise(settings.identity("eval"))
+  identity = shards.normalise(settings.identity("eval"))
   if _eval_complete(folder, identity):
     log.info("%s: eval sets are complete and match; nothing to do", folder)
     return records.read_manifest(folder)
@@ -627,24 +638,23 @@ def generate(output_dir: str, num_train: int = 100_000, num_eval: int = 500,
   per 10,000 pairs. The result does not depend on ``workers``.
   """
   if image_size < 16:
-    raise ValueError(f"image_size={image_size}: at least 16 px are needed to draw two objects")
+    raise SyntheticSetError(f"image_size={image_size}: at least 16 px are needed to draw two "
+                            "objects; use --image_size=16 or more")
   settings = Settings(num_train=num_train, num_eval=num_eval, image_size=image_size, seed=seed,
                       single_fraction=single_fraction, omit_prob=omit_prob,
                       supersample=supersample)
-  n = num_shards or max(1, math.ceil(num_train / convert.SAMPLES_PER_SHARD))
+  n = num_shards or max(1, math.ceil(num_train / shards.SAMPLES_PER_SHARD))
   train_dir = os.path.join(output_dir, "train")
   start = time.perf_counter()
-  try:
-    train = convert.build_shards(
-        train_dir, convert.split_even(range(num_train), n),
-        functools.partial(train_pair, settings), identity=settings.identity("train", n),
-        info={"source": {"type": "synthetic"}, "fields": ["key", "image", "caption", "label",
-                                                          "objects", "relation"]},
-        workers=workers if workers is not None else (os.cpu_count() or 1), chunksize=256,
-        progress=progress, desc="synthetic", unit="pairs", log=log.info,
-        mismatch_hint=f"use another output folder or delete {output_dir}")
-  except convert.ConvertError as e:
-    raise SyntheticSetError(str(e)) from None
+  train = shards.build_shards(
+      train_dir, shards.split_even(range(num_train), n),
+      functools.partial(train_pair, settings), identity=settings.identity("train", n),
+      info={"source": {"type": "synthetic"}, "fields": ["key", "image", "caption", "label",
+                                                        "objects", "relation"]},
+      workers=workers if workers is not None else (os.cpu_count() or 1), chunksize=256,
+      progress=progress, desc="synthetic", unit="pairs", log=log.info,
+      mismatch_hint=f"use another output folder or delete {output_dir}",
+      error=SyntheticSetError)
   evals = write_eval(os.path.join(output_dir, "eval"), settings)
   log.info("%s: synthetic set ready (%d train pairs in %d shards, %d eval images) in %.1f s",
            output_dir, train["total"], n, evals["counts"]["images"],
@@ -652,39 +662,42 @@ def generate(output_dir: str, num_train: int = 100_000, num_eval: int = 500,
   return {"train": train, "eval": evals}
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("output", None, "output folder (train/ and eval/ inside)", flag_values=FLAGS)
+flags.DEFINE_integer("num_train", 100_000, "training pairs", flag_values=FLAGS)
+flags.DEFINE_integer("num_eval", 500, "eval two-object scenes and eval one-object scenes (each)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 64, "image side in pixels", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of every random choice", flag_values=FLAGS)
+flags.DEFINE_integer("num_shards", 0,
+                     f"training shards (0: one per {shards.SAMPLES_PER_SHARD} pairs)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("workers", os.cpu_count() or 1,
+                     "processes (the output does not depend on it)", flag_values=FLAGS)
+flags.DEFINE_float("single_fraction", 0.25, "fraction of one-object training scenes",
+                   flag_values=FLAGS)
+flags.DEFINE_float("omit_prob", 0.1,
+                   "chance that a training caption leaves out each size / colour word",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("supersample", 2, "drawing supersampling factor", flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=FLAGS)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(
-      prog="python -m lift_jax.data.synthetic",
-      description="Generate the synthetic compositional data set (train shards + eval sets). "
-                  "Re-running with the same settings is a no-op.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--output", required=True, help="output folder (train/ and eval/ inside)")
-  p.add_argument("--num_train", type=int, default=100_000, help="training pairs")
-  p.add_argument("--num_eval", type=int, default=500,
-                 help="eval two-object scenes and eval one-object scenes (each)")
-  p.add_argument("--image_size", type=int, default=64, help="image side in pixels")
-  p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-  p.add_argument("--num_shards", type=int, default=0,
-                 help=f"training shards (0: one per {convert.SAMPLES_PER_SHARD} pairs)")
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                 help="processes (the output does not depend on it)")
-  p.add_argument("--single_fraction", type=float, default=0.25,
-                 help="fraction of one-object training scenes")
-  p.add_argument("--omit_prob", type=float, default=0.1,
-                 help="chance that a training caption leaves out each size / colour word")
-  p.add_argument("--supersample", type=int, default=2, help="drawing supersampling factor")
-  p.add_argument("--no_progress", action="store_true", help="no progress bar")
-  args = p.parse_args(sys.argv[1:] if argv is None else argv)
+  """Generate the synthetic compositional data set (train shards + eval sets); re-running with
+  the same settings is a no-op."""
+  cli.parse_flags(FLAGS, sys.argv[1:] if argv is None else argv,
+                  "python -m lift_jax.data.synthetic --output=DIR [--num_train=N ...]\n"
+                  + (main.__doc__ or ""))
+  if not FLAGS.output:
+    raise cli.UsageError("--output=DIR is required: the folder to write train/ and eval/ into")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    return generate(args.output, num_train=args.num_train, num_eval=args.num_eval,
-                    image_size=args.image_size, seed=args.seed, num_shards=args.num_shards or None,
-                    workers=args.workers, single_fraction=args.single_fraction,
-                    omit_prob=args.omit_prob, supersample=args.supersample,
-                    progress=not args.no_progress)
-  except (SyntheticSetError, records.RecordError) as e:
-    raise SystemExit(f"error: {e}") from None
+  return generate(FLAGS.output, num_train=FLAGS.num_train, num_eval=FLAGS.num_eval,
+                  image_size=FLAGS.image_size, seed=FLAGS.seed,
+                  num_shards=FLAGS.num_shards or None, workers=FLAGS.workers,
+                  single_fraction=FLAGS.single_fraction, omit_prob=FLAGS.omit_prob,
+                  supersample=FLAGS.supersample, progress=not FLAGS.no_progress)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run("python -m lift_jax.data.synthetic", lambda: bool(main()) and 0))

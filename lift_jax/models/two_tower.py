@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lift_jax.losses import l2_normalize
 from lift_jax.models import layers
 from lift_jax.models.text import TextTransformer
 from lift_jax.models.vit import VisionTransformer, parse_variant
@@ -55,11 +56,6 @@ class Projection(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class TwoTower(nnx.Module):

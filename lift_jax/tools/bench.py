@@ -71,12 +71,10 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> N
       return f"{v:.4g}"
     return "" if v is None else str(v)
 
-  widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns]
+  from lift_jax import common
+
   print(f"\n{title}")
-  print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-  print("  ".join("-" * w for w in widths))
-  for r in rows:
-    print("  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+  print(common.format_table([[fmt(r.get(c)) for c in columns] for r in rows], header=columns))
 
 
 def write_json(result: dict[str, Any], mode: str) -> str:
@@ -194,12 +192,9 @@ def bench_step(config) -> dict[str, Any]:
 
 
 def _load_config(path: str):
-  import importlib.util
+  from lift_jax import common
 
-  spec = importlib.util.spec_from_file_location("bench_compare_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return common.load_config_file(path)
 
 
 def bench_steps(config) -> dict[str, Any]:

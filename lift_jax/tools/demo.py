@@ -83,12 +83,9 @@ def resolved_total_steps(config: str, extra: list[str]) -> int:
   for arg in extra:
     if arg.startswith("--config.total_steps="):
       return int(arg.split("=", 1)[1])
-  import importlib.util
+  from lift_jax import common
 
-  spec = importlib.util.spec_from_file_location("demo_config", config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return int(module.get_config().total_steps)
+  return int(common.load_config_file(config).total_steps)
 
 
 def main(argv):

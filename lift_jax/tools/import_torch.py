@@ -6,7 +6,8 @@
 The config decides the model's shape; every tensor of the state dict must map onto a parameter of
 that model with the same shape and every parameter must be covered, otherwise the tool stops and
 names the missing, unexpected and mis-shaped keys. The result (``DIR/checkpoints/0``) is read by
-``lift_jax.load``, ``eval.main`` and, as initial parameters, by training.
+``lift_jax.load``, ``eval.main`` and, as initial parameters, by training. ``DIR`` must be new or
+empty (``--overwrite`` replaces its ``checkpoints/`` and ``config.json``).
 
 Accepted layouts: a bare state dict, or ``{"state_dict": ...}`` (OpenCLIP training checkpoints),
 with or without DDP's ``module.`` prefix. torch is imported by this tool only.
@@ -14,7 +15,9 @@ with or without DDP's ``module.`` prefix. torch is imported by this tool only.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
@@ -182,9 +185,42 @@ def abstract_params(model_cfg: Mapping[str, Any]):
   return nnx.to_pure_dict(nnx.split(abstract)[1])
 
 
-def import_checkpoint(checkpoint: str, config, output: str) -> str:
+@cli.user_error
+class OutputFolderError(ValueError):
+  """The output folder already holds something an import would sit beside."""
+
+
+def prepare_output(output: str, overwrite: bool = False) -> None:
+  """Refuses a non-empty ``output``: step 0 written beside a training run's later steps would
+  never be read (eval and training take the latest step). With ``overwrite``, the folder's
+  ``checkpoints/`` and ``config.json`` are removed first; nothing else is touched."""
   from lift_jax import checkpoint as ckpt
 
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise OutputFolderError(f"--output={output} is a file, not a folder")
+  if not os.path.isdir(output) or not os.listdir(output):
+    return
+  held = sorted(os.listdir(output))
+  if not overwrite:
+    steps = os.path.join(output, ckpt.CHECKPOINTS)
+    what = (f"checkpoint steps {sorted(os.listdir(steps))[:5]}" if os.path.isdir(steps)
+            else f"{held[:5]}")
+    raise OutputFolderError(
+        f"--output={output} is not empty (it holds {what}); an import writes step 0 there and "
+        "eval or training would read the latest step instead. Give a new folder, or add "
+        "--overwrite to replace its checkpoints and config.json")
+  for name in (ckpt.CHECKPOINTS, "config.json"):
+    path = os.path.join(output, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+def import_checkpoint(checkpoint: str, config, output: str, overwrite: bool = False) -> str:
+  from lift_jax import checkpoint as ckpt
+
+  prepare_output(output, overwrite)
   state = load_torch_state_dict(checkpoint)
   params = convert(state, abstract_params(config.model.to_dict()))
   return ckpt.save_params(output, 0, params, config)
@@ -194,10 +230,8 @@ def main(argv):
   del argv
   from absl import flags
 
-  try:
-    folder = import_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.output)
-  except StateDictError as e:
-    raise SystemExit(f"import_torch: {e}") from None
+  folder = import_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.output,
+                             overwrite=flags.FLAGS.overwrite)
   print(f"wrote {folder}")
 
 
@@ -207,8 +241,11 @@ if __name__ == "__main__":
 
   flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pt/.bin) in OpenCLIP naming.",
                       required=True)
-  flags.DEFINE_string("output", None, "Output folder (a lift_jax workdir).", required=True)
+  flags.DEFINE_string("output", None, "Output folder (a lift_jax workdir); must be new or empty.",
+                      required=True)
+  flags.DEFINE_bool("overwrite", False, "Replace the checkpoints and config.json of a non-empty "
+                    "--output.")
   config_flags.DEFINE_config_file("config", None, "A lift_jax config describing the model.",
                                   lock_config=False)
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(lambda argv: cli.run("python -m lift_jax.tools.import_torch", main, argv))

@@ -1,0 +1,99 @@
+"""A text bank must come from the same encoder settings as the training embeddings: evaluation
+refuses a bank made with another pooling or max_length (which silently changes the scores),
+unless config.evals.allow_encoder_mismatch says otherwise."""
+
+import os
+
+import pytest
+
+from conftest import shared_data
+from eval.benchmarks import required_texts
+from eval.evaluators import EvalRunner
+from eval_fixtures import config, lift_model_config, tiny_model, write_bank
+from lift_jax.data import records
+
+# The fields embed.main writes into both manifests (see embed.job.settings_of).
+SETTINGS = dict(model="nvidia/NV-Embed-v2", revision="c50d55f", encoder="nv_embed",
+                pooling="latent_attention", instruction="", max_length=77, append_eos=False,
+                normalized=True)
+
+
+def embeddings_folder(path, **change):
+  os.makedirs(path, exist_ok=True)
+  records.write_manifest(path, {"kind": "embeddings", "shards": [], **SETTINGS, **change})
+  return path
+
+
+def bank_folder(path, texts, **change):
+  write_bank(path, texts)
+  manifest = records.read_manifest(path)
+  records.write_manifest(path, {**manifest, **SETTINGS, **change})
+  return path
+
+
+def runner_config(tmp_path, **bank_change):
+  bench = {"flickr8k": {"type": "retrieval", "protocol": "lift", "limit": 8,
+                        "captions": shared_data("flickr8k_subset", "captions.tsv"),
+                        "image_dir": shared_data("flickr8k_subset", "images")}}
+  cfg = config(lift_model_config(), bench, text_bank=str(tmp_path / "bank"), batch_size=8)
+  bank_folder(cfg.evals.text_bank, required_texts(cfg.evals), **bank_change)
+  cfg.data.embeddings = embeddings_folder(str(tmp_path / "embeddings"))
+  return cfg
+
+
+def test_bank_of_other_pooling_and_max_length_is_refused(tmp_path):
+  cfg = runner_config(tmp_path, pooling="last_token", max_length=32)
+  with pytest.raises(records.EncoderMismatchError) as err:
+    EvalRunner(cfg, tiny_model("lift"))
+  message = str(err.value)
+  assert str(tmp_path / "bank") in message and str(tmp_path / "embeddings") in message
+  assert ("pooling: 'latent_attention' in the embeddings, 'last_token' in the bank; "
+          "max_length: 77 in the embeddings, 32 in the bank") in message
+  assert "allow_encoder_mismatch=True" in message and "\n" not in message
+  # Explicitly allowed: the evaluation runs.
+  cfg.evals.allow_encoder_mismatch = True
+  out = EvalRunner(cfg, tiny_model("lift")).run()
+  assert out["flickr8k/num_images"] == 8
+
+
+def test_bank_of_the_same_encoder_is_accepted(tmp_path):
+  cfg = runner_config(tmp_path)
+  assert EvalRunner(cfg, tiny_model("lift")).run()["flickr8k/num_texts"] == 8
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model", "Salesforce/SFR-Embedding-Mistral"), ("revision", "0123abc"),
+    ("pooling", "mean"), ("instruction", "Retrieve the caption: "), ("max_length", 323),
+    ("normalized", False)])
+def test_each_encoder_setting_is_compared(tmp_path, field, value):
+  bank = bank_folder(str(tmp_path / "bank"), ["a dog"], **{field: value})
+  emb = embeddings_folder(str(tmp_path / "embeddings"))
+  with pytest.raises(records.EncoderMismatchError, match=f"{field}: "):
+    records.check_same_encoder(bank, emb)
+  assert records.check_same_encoder(bank, emb, allow=True) == [
+      f"{field}: {SETTINGS[field]!r} in the embeddings, {value!r} in the bank"]
+  same = bank_folder(str(tmp_path / "same"), ["a dog"])
+  assert records.check_same_encoder(same, emb) == []
+  # A bank whose manifest records no encoder settings (written by other code) has nothing to
+  # compare.
+  bare = write_bank(str(tmp_path / "bare"), ["a dog"])
+  assert records.check_same_encoder(bare, emb) == []
+
+
+def test_eval_main_compares_with_the_embeddings_the_checkpoint_was_trained_on(tmp_path):
+  """`eval.main --workdir=W --config=C` where C names no embeddings (the paper configs): the
+  bank is compared with the embeddings stored in the checkpoint's config."""
+  from flax import nnx
+
+  from eval import main as eval_main
+  from lift_jax import checkpoint as ckpt
+
+  cfg = runner_config(tmp_path, max_length=32)
+  workdir = str(tmp_path / "run")
+  params = nnx.to_pure_dict(nnx.split(tiny_model("lift"))[1])
+  ckpt.save_params(workdir, 5, params, cfg)
+  given = config(lift_model_config(), cfg.evals.benchmarks.to_dict(),
+                 text_bank=cfg.evals.text_bank, batch_size=8)
+  assert given.data.get("embeddings") is None
+  with pytest.raises(records.EncoderMismatchError, match="max_length: 77 in the embeddings, 32"):
+    eval_main.evaluate(workdir, given, output=str(tmp_path / "m.json"))
