@@ -1,5 +1,7 @@
 """The evaluators end to end on the real reference data with randomly initialised tiny models:
-right counts, chance-level numbers, no crash on odd images.
+right counts, every reported R@k, top-k and accuracy equal to a numpy reference computed on the
+same full set (straight from the data files and the text bank's shards), zero-shot classifiers
+built in chunks equal to one chunk, no crash on odd images.
 
 COCO val2017 images are not in ../shared/data, so the SugarCrepe test scores the real JSON files
 and a text bank of all their texts against stand-in images (random pixels) named like the COCO
@@ -14,11 +16,37 @@ import pytest
 
 from conftest import shared_data
 from eval import metrics, reference
+from lift_jax.data import records
 from eval.evaluators import EvalRunner
 from eval.predictor import TextBankError
 from eval.texts import SUGARCREPE_SUBSETS, required_texts
 from eval_fixtures import config, lift_model_config, clip_model_config, odd_images
 from eval_fixtures import stand_in_image, tiny_model, write_bank
+
+
+def bank_embeddings(folder):
+  """{text: L2-normalised float32 vector}, read straight from the bank's shards."""
+  out = {}
+  for path in records.list_shards(folder, records.BANK):
+    for r in records.iter_records(path):
+      v = records.decode_embedding(r)
+      out[r["key"]] = (v / np.linalg.norm(v)).astype(np.float32)
+  return out
+
+
+def reference_recall(queries, candidates, positive, ks):
+  """Recall@k with numpy: a query's rank is the number of non-positive candidates scoring at
+  least as high as its best positive (``positive``: bool [queries, candidates])."""
+  scores = np.asarray(queries, np.float32) @ np.asarray(candidates, np.float32).T
+  best = np.where(positive, scores, -np.inf).max(axis=1)
+  rank = np.sum((scores >= best[:, None]) & ~positive, axis=1)
+  return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def tsv_rows(path):
+  with open(path, encoding="utf-8") as f:
+    header, *rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+  return [dict(zip(header, row)) for row in rows]
 
 
 def lift_runner(tmp_path, benchmarks, **kw):
@@ -56,6 +84,29 @@ def test_flickr8k_retrieval_lift_model(tmp_path):
   assert out["flickr8k_lift/i2t_r1"] < 0.02 and out["flickr8k_lift/t2i_r1"] < 0.02
   assert runner.timings.keys() == {"flickr8k", "flickr8k_lift"}
 
+  # Every reported recall against numpy on the full set, from the caption file as written
+  # (tab-separated filename, caption_index, caption), the bank's vectors and the images'
+  # embeddings. Identical caption strings are one candidate, positive for each of their images.
+  rows = tsv_rows(shared_data("flickr8k_subset", "captions.tsv"))
+  files = list(dict.fromkeys(r["filename"] for r in rows))
+  bank = bank_embeddings(str(tmp_path / "bank"))
+  image_emb = runner.predictor.embed_images(
+      [os.path.join(shared_data("flickr8k_subset", "images"), f) for f in files])
+  for name, first_only, ks in (("flickr8k", False, (1, 5, 10)), ("flickr8k_lift", True, (1,))):
+    used = [r for r in rows if not first_only or r["caption_index"] == "0"]
+    texts = list(dict.fromkeys(r["caption"] for r in used))
+    text_emb = np.stack([bank[t] for t in texts])
+    owner = np.asarray([files.index(r["filename"]) for r in used])
+    t2i_positive = owner[:, None] == np.arange(len(files))[None, :]
+    i2t_positive = np.zeros((len(files), len(texts)), bool)
+    for r, i in zip(used, owner):
+      i2t_positive[i, texts.index(r["caption"])] = True
+    query_emb = np.stack([bank[r["caption"]] for r in used])
+    for k, v in reference_recall(query_emb, image_emb, t2i_positive, ks).items():
+      assert out[f"{name}/t2i_r{k}"] == pytest.approx(v, abs=1e-9), (name, "t2i", k)
+    for k, v in reference_recall(image_emb, text_emb, i2t_positive, ks).items():
+      assert out[f"{name}/i2t_r{k}"] == pytest.approx(v, abs=1e-9), (name, "i2t", k)
+
   # The same ranks from the same embeddings by the numpy reference (a sample of the queries).
   ev = runner.evaluators[0]
   image_emb = runner.predictor.embed_images(ev.images)
@@ -78,6 +129,29 @@ def test_imagenet_samples_lift_model(tmp_path):
   # "crane" (134, 517) and "maillot" (638, 639) share prompts: positives together
   ev = runner.evaluators[0]
   assert ev.class_positives[134] == [134, 517] and ev.class_positives[639] == [638, 639]
+
+  # top-k against numpy on all 1000 images: "It is a photo of a {}" with each Keras name, the
+  # bank's vector of each prompt as the class embedding; classes with the same prompt are
+  # positives together.
+  rows = tsv_rows(shared_data("imagenet_samples", "labels.tsv"))
+  names = open(shared_data("imagenet", "classnames_keras.txt"), encoding="utf-8").read()
+  prompts = [f"It is a photo of a {n}" for n in names.splitlines()]
+  assert len(prompts) == 1000
+  bank = bank_embeddings(str(tmp_path / "bank"))
+  classes = np.stack([bank[p] for p in prompts])
+  image_emb = runner.predictor.embed_images(
+      [os.path.join(shared_data("imagenet_samples", "images"), r["filename"]) for r in rows])
+  label_prompt = np.asarray([prompts[int(r["class_index"])] for r in rows])
+  positive = label_prompt[:, None] == np.asarray(prompts)[None, :]
+  expected = reference_recall(image_emb, classes, positive, (1, 5))
+  assert out["imagenet/top1"] == pytest.approx(expected[1], abs=1e-9)
+  assert out["imagenet/top5"] == pytest.approx(expected[5], abs=1e-9)
+
+  # The classifier built in several chunks of prompts (the last one padded) equals one chunk.
+  whole = ev.classifier(runner.predictor)
+  ev.CLASS_CHUNK_PROMPTS = 96  # 11 chunks: 10 of 96 classes and one of 40
+  np.testing.assert_allclose(ev.classifier(runner.predictor), whole, rtol=0, atol=1e-6)
+  assert runner.run() == out
 
 
 def test_imagenet_samples_clip_model_and_prompt_ensembles(tmp_path, minilm_path):
@@ -122,6 +196,17 @@ def test_sugarcrepe_real_json_with_stand_in_images(tmp_path):
       accs, SUGARCREPE_SUBSETS) if expected[s]]))
   total = sum(a * expected[s] for a, s in zip(accs, SUGARCREPE_SUBSETS) if expected[s])
   assert 0.3 < total / sum(expected.values()) < 0.7  # chance is 50%
+  # Each subset's accuracy against numpy over the samples whose image is present:
+  # correct iff sim(image, caption) > sim(image, negative_caption), strictly.
+  bank = bank_embeddings(str(tmp_path / "bank"))
+  files = sorted(sample)
+  image_emb = dict(zip(files, runner.predictor.embed_images([str(images / f) for f in files])))
+  for subset in SUGARCREPE_SUBSETS:
+    recs = [r for r in json.load(open(os.path.join(data, f"{subset}.json"))).values()
+            if r["filename"] in sample]
+    correct = [float(image_emb[r["filename"]] @ bank[r["caption"]]) >
+               float(image_emb[r["filename"]] @ bank[r["negative_caption"]]) for r in recs]
+    assert out[f"sugarcrepe/{subset}"] == pytest.approx(np.mean(correct), abs=1e-9), subset
 
 
 def test_missing_bank_text_fails_at_start(tmp_path):
