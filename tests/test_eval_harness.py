@@ -14,14 +14,14 @@ import os
 import numpy as np
 import pytest
 
-from conftest import shared_data
+from conftest import require, shared_data
 from eval import metrics, reference
-from lift_jax.data import records
 from eval.evaluators import EvalRunner
 from eval.predictor import TextBankError
 from eval.texts import SUGARCREPE_SUBSETS, required_texts
 from eval_fixtures import config, lift_model_config, clip_model_config, odd_images
 from eval_fixtures import stand_in_image, tiny_model, write_bank
+from lift_jax.data import records
 
 
 def bank_embeddings(folder):
@@ -289,7 +289,7 @@ def test_image_shards_source_equals_image_files(tmp_path):
 
 @pytest.mark.slow
 def test_tfds_imagenet_source_with_mock_data(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  tfds = require("tensorflow_datasets")
   bench = dict(imagenet_benchmark("lift"), tfds_data_dir=str(tmp_path / "tfds"), limit=20)
   del bench["labels"], bench["image_dir"]
   cfg = config(lift_model_config(), {"imagenet": bench}, text_bank=str(tmp_path / "bank"))
