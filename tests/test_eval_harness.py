@@ -43,6 +43,31 @@ def reference_recall(queries, candidates, positive, ks):
   return {k: float(np.mean(rank < k)) for k in ks}
 
 
+def check_flickr_recalls(out, name, predictor, embed_text, first_only, ks, limit=None):
+  """Every recall ``name`` reported against numpy, from the caption file as written (filename,
+  caption_index, caption; tab-separated) and embeddings of its images and texts. Identical
+  caption strings are one candidate, positive for each of their images."""
+  rows = tsv_rows(shared_data("flickr8k_subset", "captions.tsv"))
+  files = list(dict.fromkeys(r["filename"] for r in rows))[:limit]
+  used = [r for r in rows if r["filename"] in set(files)
+          and (not first_only or r["caption_index"] == "0")]
+  texts = list(dict.fromkeys(r["caption"] for r in used))
+  text_emb = embed_text(texts)
+  image_emb = predictor.embed_images(
+      [os.path.join(shared_data("flickr8k_subset", "images"), f) for f in files])
+  owner = np.asarray([files.index(r["filename"]) for r in used])
+  i2t_positive = np.zeros((len(files), len(texts)), bool)
+  for r, i in zip(used, owner):
+    i2t_positive[i, texts.index(r["caption"])] = True
+  query_emb = text_emb[[texts.index(r["caption"]) for r in used]]
+  t2i_positive = owner[:, None] == np.arange(len(files))[None, :]
+  for direction, expected in (
+      ("t2i", reference_recall(query_emb, image_emb, t2i_positive, ks)),
+      ("i2t", reference_recall(image_emb, text_emb, i2t_positive, ks))):
+    for k, v in expected.items():
+      assert out[f"{name}/{direction}_r{k}"] == pytest.approx(v, abs=1e-9), (name, direction, k)
+
+
 def tsv_rows(path):
   with open(path, encoding="utf-8") as f:
     header, *rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
@@ -84,28 +109,11 @@ def test_flickr8k_retrieval_lift_model(tmp_path):
   assert out["flickr8k_lift/i2t_r1"] < 0.02 and out["flickr8k_lift/t2i_r1"] < 0.02
   assert runner.timings.keys() == {"flickr8k", "flickr8k_lift"}
 
-  # Every reported recall against numpy on the full set, from the caption file as written
-  # (tab-separated filename, caption_index, caption), the bank's vectors and the images'
-  # embeddings. Identical caption strings are one candidate, positive for each of their images.
-  rows = tsv_rows(shared_data("flickr8k_subset", "captions.tsv"))
-  files = list(dict.fromkeys(r["filename"] for r in rows))
+  # Every reported recall against numpy on the full set, texts from the bank's own shards.
   bank = bank_embeddings(str(tmp_path / "bank"))
-  image_emb = runner.predictor.embed_images(
-      [os.path.join(shared_data("flickr8k_subset", "images"), f) for f in files])
-  for name, first_only, ks in (("flickr8k", False, (1, 5, 10)), ("flickr8k_lift", True, (1,))):
-    used = [r for r in rows if not first_only or r["caption_index"] == "0"]
-    texts = list(dict.fromkeys(r["caption"] for r in used))
-    text_emb = np.stack([bank[t] for t in texts])
-    owner = np.asarray([files.index(r["filename"]) for r in used])
-    t2i_positive = owner[:, None] == np.arange(len(files))[None, :]
-    i2t_positive = np.zeros((len(files), len(texts)), bool)
-    for r, i in zip(used, owner):
-      i2t_positive[i, texts.index(r["caption"])] = True
-    query_emb = np.stack([bank[r["caption"]] for r in used])
-    for k, v in reference_recall(query_emb, image_emb, t2i_positive, ks).items():
-      assert out[f"{name}/t2i_r{k}"] == pytest.approx(v, abs=1e-9), (name, "t2i", k)
-    for k, v in reference_recall(image_emb, text_emb, i2t_positive, ks).items():
-      assert out[f"{name}/i2t_r{k}"] == pytest.approx(v, abs=1e-9), (name, "i2t", k)
+  embed_text = lambda texts: np.stack([bank[t] for t in texts])
+  check_flickr_recalls(out, "flickr8k", runner.predictor, embed_text, False, (1, 5, 10))
+  check_flickr_recalls(out, "flickr8k_lift", runner.predictor, embed_text, True, (1,))
 
   # The same ranks from the same embeddings by the numpy reference (a sample of the queries).
   ev = runner.evaluators[0]
@@ -163,12 +171,31 @@ def test_imagenet_samples_clip_model_and_prompt_ensembles(tmp_path, minilm_path)
   for name in ("imagenet", "imagenet_7"):
     assert out[f"{name}/num_images"] == 1000
     assert out[f"{name}/top1"] <= 0.02 and out[f"{name}/top5"] <= 0.05
-  # the 7-template classifier is the ensemble of its prompts' text-tower embeddings
+  # top-k of both benchmarks against numpy on all 1000 images: prompts from the files as written,
+  # embedded by the text tower, averaged per class by the numpy reference; classes with the same
+  # prompts are positives together.
+  rows = tsv_rows(shared_data("imagenet_samples", "labels.tsv"))
+  labels = [int(r["class_index"]) for r in rows]
+  image_emb = runner.predictor.embed_images(
+      [os.path.join(shared_data("imagenet_samples", "images"), r["filename"]) for r in rows])
+  for name, names, templates in (("imagenet", "classnames_keras.txt", "templates_lift.txt"),
+                                 ("imagenet_7", "classnames.txt", "templates_simple7.txt")):
+    read = lambda f: open(shared_data("imagenet", f), encoding="utf-8").read().splitlines()
+    prompts = [tuple(t.replace("{}", n) for t in read(templates)) for n in read(names)]
+    flat = runner.predictor.embed_texts([p for ps in prompts for p in ps])
+    classes = reference.class_embeddings(flat.reshape(len(prompts), len(prompts[0]), -1))
+    positive = np.asarray([[prompts[c] == prompts[label] for c in range(len(prompts))]
+                           for label in labels])
+    expected = reference_recall(image_emb, classes, positive, (1, 5))
+    assert out[f"{name}/top1"] == pytest.approx(expected[1], abs=1e-9), name
+    assert out[f"{name}/top5"] == pytest.approx(expected[5], abs=1e-9), name
+
+  # The 7-template classifier is the ensemble of its prompts' text-tower embeddings, also when it
+  # is built in several chunks of prompts (7 chunks of 150 classes x 7 templates, the last one
+  # padded; the run above used one chunk).
   ev = runner.evaluators[1]
-  classifier = ev.classifier(runner.predictor)
-  some = [0, 1, 517]
-  prompts = np.stack([runner.predictor.embed_texts(ev.prompts[c]) for c in some])
-  np.testing.assert_allclose(classifier[some], reference.class_embeddings(prompts), atol=1e-5)
+  ev.CLASS_CHUNK_PROMPTS = 150 * 7
+  np.testing.assert_allclose(ev.classifier(runner.predictor), classes, atol=1e-5)
 
 
 def test_sugarcrepe_real_json_with_stand_in_images(tmp_path):
@@ -235,12 +262,16 @@ def test_clip_retrieval_and_odd_images_in_an_image_folder(tmp_path, minilm_path)
       "odd_ret": {"type": "retrieval", "captions": str(caps), "image_dir": str(folder)},
       "flickr_clip": flickr_benchmark("standard", limit=200)}, tokenizer=minilm_path,
       batch_size=16)
-  out = EvalRunner(cfg, tiny_model("clip")).run()
+  runner = EvalRunner(cfg, tiny_model("clip"))
+  out = runner.run()
   assert out["odd_cls/num_images"] == len(paths) + 1 and 0 <= out["odd_cls/top1"] <= 1
   assert out["odd_ret/num_images"] == len(paths) and out["odd_ret/num_texts"] == 2 * len(paths)
   assert out["flickr_clip/num_images"] == 200 and out["flickr_clip/num_texts"] == 1000
   assert out["flickr_clip/t2i_r10"] < 0.15  # chance 5%
   assert all(np.isfinite(v) for v in out.values())
+  # Flickr8k through the text tower, first 200 images with all their captions, against numpy.
+  check_flickr_recalls(out, "flickr_clip", runner.predictor, runner.predictor.embed_texts, False,
+                       (1, 5, 10), limit=200)
 
 
 def test_image_shards_source_equals_image_files(tmp_path):
