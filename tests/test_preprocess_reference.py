@@ -2,7 +2,7 @@
 
 Eval: Resize(shorter side, bicubic) + CenterCrop, for portrait, landscape, odd, extreme and
 already-small images, with the resized size and crop box of each worked out by hand, through
-``transforms.resize_center_crop`` and the evaluators' ``Predictor.load_image``.
+``transforms.resize_center_crop`` and the evaluators' ``Predictor`` (then ImageNet mean/std).
 Training: RandomResizedCrop(scale (0.9, 1), ratio (3/4, 4/3), bicubic) draws its randomness from
 (seed, global position) only, so any worker/thread layout gives the same crops, different
 positions give different crops, and the area and aspect ranges hold over many draws.
@@ -10,8 +10,11 @@ positions give different crops, and the area and aspect ranges hold over many dr
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 import fakedata
@@ -69,6 +72,15 @@ def test_predictor_loads_images_with_the_eval_transform(tmp_path):
     img.save(path)
     np.testing.assert_array_equal(predictor.load_image(str(path)),
                                   explicit_eval(img, resized, box), err_msg=str(size))
+
+  # ... normalised with ImageNet's statistics (not the training ones) before the image tower.
+  paths = sorted(str(p) for p in tmp_path.glob("*.png"))
+  crops = np.stack([predictor.load_image(p) for p in paths]).astype(np.float64)
+  x = (crops / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  graphdef, params = nnx.split(model)
+  encode = jax.jit(lambda p, images: nnx.merge(graphdef, p).encode_image(images))
+  expected = np.asarray(encode(params, jnp.asarray(x, jnp.float32)))
+  np.testing.assert_allclose(predictor.embed_images(paths), expected, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
