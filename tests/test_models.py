@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import require
 from lift_jax.models.two_tower import TwoTower, count_params
 from lift_jax.models.vit import parse_variant
 from lift_jax.tools import import_torch
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 WIDTH, LAYERS, HEADS, PATCH, IMAGE = 64, 2, 4, 8, 32
 TEXT_WIDTH, VOCAB, CONTEXT = 48, 100, 16
