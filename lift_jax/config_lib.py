@@ -49,6 +49,8 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"
   m.remat = False
   m.attention_impl = config_dict.placeholder(str)
+  m.init_from = config_dict.placeholder(str)
+  m.init_from_params = "^visual/"
   if mode == "lift":
     m.embed_dim = 4096
     m.head_hidden = (4096,)
@@ -68,6 +70,8 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   o.grad_clip_norm = config_dict.placeholder(float)
   o.grad_clip_norm = 1.0 if mode == "lift" else None
   o.grad_accum_steps = 1
+  o.frozen = ()
+  o.lr_multipliers = ()
 
   d = c.data = ml_collections.ConfigDict()
   d.images = config_dict.placeholder(str)
@@ -140,6 +144,11 @@ DOCS = {
     "model.remat": "Rematerialise each transformer block (less memory, one more forward).",
     "model.attention_impl": "jax.nn.dot_product_attention implementation: None (cuDNN where "
                             "possible, else XLA), 'xla' or 'cudnn'.",
+    "model.init_from": "Start a new run from pretrained weights: a Hugging Face CLIP folder "
+                       "(config.json + *.safetensors) or cached hub id, or a lift_jax checkpoint "
+                       "(see lift_jax/pretrained.py); None = random init.",
+    "model.init_from_params": "Regex over parameter paths taken from model.init_from "
+                              "(default the image tower, '^visual/').",
     "model.embed_dim": "Width of the compared embeddings: the text encoder's (NV-Embed-v2: "
                        "4096; MiniLM: 384) for LIFT, the projection's for CLIP.",
     "model.head_hidden": "LIFT head hidden widths: Linear(width -> h) -> GELU -> ... -> "
@@ -162,6 +171,10 @@ DOCS = {
     "optim.grad_clip_norm": "Global-norm gradient clipping; 1.0 for LIFT, None for CLIP.",
     "optim.grad_accum_steps": "Split each global batch into N micro-batches; the gradient of "
                               "the global-batch loss stays exact (embeddings cached).",
+    "optim.frozen": "Regexes over parameter paths (e.g. '^visual/'): matching parameters "
+                    "stay bit-identical and hold no optimizer state.",
+    "optim.lr_multipliers": "(regex, factor) pairs, first match wins: the parameter's AdamW "
+                            "update (weight decay included) is scaled by factor.",
     "data.images": "Folder of images-*.array_record shards.",
     "data.embeddings": "LIFT: folder of embeddings-*.array_record aligned with data.images.",
     "data.caption_field": "Caption field the CLIP baseline tokenises ('caption' or "
