@@ -6,6 +6,7 @@ differs. Optional strings and ints are ml_collections placeholders so ``--config
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ml_collections
@@ -210,8 +211,9 @@ DOCS = {
     "evals.data_root": "Folder that relative benchmark paths are joined to.",
     "evals.synthetic_suite": "Evaluate the synthetic set's compositional, classification and "
                              "retrieval sets (with data.prepare='synthetic').",
-    "evals.benchmarks": "{name: {type: sugarcrepe | zeroshot | retrieval, ...}}; see "
-                        "eval/benchmarks.py for each type's fields.",
+    "evals.benchmarks": "{name: {type: sugarcrepe | zeroshot | retrieval | long_retrieval, "
+                        "...}}; see eval/benchmarks.py for each type's fields. if_present=True: "
+                        "skip the benchmark when its files are not there.",
 }
 
 
@@ -245,6 +247,20 @@ def add_paper_benchmarks(c: ml_collections.ConfigDict) -> None:
   })
 
 
+def add_long_caption_benchmarks(c: ml_collections.ConfigDict) -> None:
+  """Urban1k, DOCCI (test) and ShareGPT4V-1k long-caption retrieval (see
+  ``eval/benchmarks.py::LongRetrievalSpec``), each evaluated when its folder is under
+  ``config.evals.data_root`` and skipped (with a log line) when it is not::
+
+      urban1k/image/<id>.jpg  urban1k/caption/<id>.txt
+      docci/docci_descriptions.jsonlines  docci/images/<image_file>
+      sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json  sharegpt4v/<record's image path>
+  """
+  for name in ("urban1k", "docci", "sharegpt4v"):
+    c.evals.benchmarks[name] = {"type": "long_retrieval", "format": name, "data_dir": name,
+                                "if_present": True}
+
+
 def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict,
                                                                     list[str]]:
   """Joins relative benchmark paths to ``evals.data_root``.
@@ -258,6 +274,7 @@ def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collection
   benchmarks = {}
   for name, bench in (config.evals.get("benchmarks") or {}).items():
     bench = dict(bench)
+    if_present = bench.pop("if_present", False)  # optional data: skipped when absent
     relative = [f for f in PATH_FIELDS if isinstance(bench.get(f), str) and bench[f]
                 and not os.path.isabs(bench[f])]
     if relative and not root:
@@ -265,6 +282,11 @@ def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collection
       continue
     for f in relative:
       bench[f] = os.path.join(root, bench[f])
+    absent = [bench[f] for f in PATH_FIELDS if isinstance(bench.get(f), str) and bench[f]
+              and not os.path.exists(bench[f])]
+    if if_present and absent:
+      logging.info("benchmark %s skipped: %s is not there", name, absent[0])
+      continue
     benchmarks[name] = bench
   config.evals.benchmarks = benchmarks
   return config, dropped
@@ -285,6 +307,8 @@ def paper(mode: str, captions: str, samples: str, variant_arg: str | None = None
     c.data.tokenizer = "openai/clip-vit-base-patch16"  # CLIP's BPE; a local folder works too
   c.data.embed_config = "embed/configs/nvembed_v2.py"
   add_paper_benchmarks(c)
+  if long:
+    add_long_caption_benchmarks(c)
   if variant_arg:
     if variant_arg not in ("cos", "sigmoid"):
       raise ValueError(f"unknown config argument {variant_arg!r}; expected 'cos' or 'sigmoid'")
