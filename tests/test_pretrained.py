@@ -364,3 +364,24 @@ def test_init_from_errors_are_one_line_and_name_the_fix(data, tmp_path):
   ckpt.save_params(str(tmp_path / "w16"), 0, fresh(other.model.to_dict())[1], other)
   with pytest.raises(pretrained.InitFromError, match="mis-shaped.*visual/class_embedding"):
     pretrained.load_into(params, dict(c.model.to_dict(), init_from=str(tmp_path / "w16")))
+
+
+def test_lit_configs_lock_or_slow_the_pretrained_tower():
+  import importlib.util
+
+  from lift_jax.tools.config_reference import REPO
+
+  spec = importlib.util.spec_from_file_location(
+      "lit_config", os.path.join(REPO, "configs", "lit_vitb16_datacomp.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  locked, tuned = module.get_config(), module.get_config("finetune")
+  undocumented = [k for k in ("model.init_from", "model.init_from_params", "optim.frozen",
+                              "optim.lr_multipliers") if k not in config_lib.DOCS]
+  assert not undocumented
+  for c in (locked, tuned):
+    assert c.model.init_from == "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K"
+    assert c.model.pool == "tok" and c.model.mode == "lift" and c.total_steps == 7816
+  assert tuple(locked.optim.frozen) == ("^visual/",) and not locked.optim.lr_multipliers
+  assert not tuned.optim.frozen and tuple(map(tuple, tuned.optim.lr_multipliers)) == (
+      ("^visual/", 0.1),)
