@@ -24,8 +24,9 @@ XLA drops the tower's weight gradients.
 What to expect: not measured here. For reference, LiT (Zhai et al., CVPR 2022, arXiv
 2111.07991) found that locking a pretrained image tower and training only the text side beat
 unlocking it, and LLM2CLIP (arXiv 2411.04997) and SAIL (Zhang et al., CVPR 2025) align
-pretrained vision encoders with LLM text embeddings at a fraction of from-scratch compute; the tower's own ImageNet zero-shot top-1 with its CLIP text tower is 73.5
-(DataComp, arXiv 2304.14108), an upper-end reference, not this run's target.
+pretrained vision encoders with LLM text embeddings at a fraction of from-scratch compute.
+The tower's own ImageNet zero-shot top-1 with its CLIP text tower is 73.5 (DataComp, arXiv
+2304.14108): an upper-end reference, not this run's target.
 """
 
 from lift_jax import config_lib

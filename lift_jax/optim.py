@@ -5,7 +5,7 @@ OpenCLIP's recipe, which LIFT keeps: lr 1e-3, betas (0.9, 0.98), eps 1e-6, decou
 over the remaining steps; global-norm clipping at 1.0 for LIFT, none for the CLIP baseline.
 
 Beyond the paper, for starting from a pretrained tower (regex rules over parameter paths as
-:func:`lift_jax.sharding.path_str` writes them, e.g. ``visual/transformer/resblocks/3/mlp/c_fc/kernel``):
+:func:`lift_jax.sharding.path_str` writes them, e.g. ``visual/transformer/resblocks/3/ln_1/scale``):
 
 * ``optim.frozen``: parameters matching any rule get a zero update (they stay bit-identical), no
   AdamW state (``optax.MaskedNode`` in place of their moments), and no share of the clipped

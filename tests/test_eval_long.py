@@ -147,7 +147,7 @@ def test_sharded_runner_lift_reports_the_bank_length(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     out = runner.run()
   for f in WRITERS:
-    assert out[f"{f}/num_images"] == 3 and out[f"{f}/bank_max_length"] == 77
+    assert out[f"{f}/num_images"] == 3 and out[f"{f}/num_bank_max_tokens"] == 77
     assert 0 <= out[f"{f}/i2t_r1"] <= 1
   assert "re-embed them with --config.max_length=512" in caplog.text
   # Same images, same captions: the three benchmarks score identically.
@@ -163,7 +163,7 @@ def test_sharded_runner_clip_counts_captions_cut_by_the_context(tmp_path, minilm
                                                  "data_dir": str(root)}},
                tokenizer=minilm_path, batch_size=16)
   out = EvalRunner(cfg, tiny_model("clip")).run()
-  assert out["urban1k/num_texts_truncated"] == 1 and out["urban1k/context_length"] == 24
+  assert out["urban1k/num_texts_truncated"] == 1 and out["urban1k/num_context_tokens"] == 24
   assert out["urban1k/num_images"] == 3
 
 
