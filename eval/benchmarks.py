@@ -35,6 +35,21 @@ Types and fields (None = default)
                   Flickr30K's 1k test set; "" = all rows); ignored by files without one
     protocol      "lift" (first caption per image, R@1) or "standard" (all captions, R@1/5/10)
     ks            recall cut-offs, default by protocol;  limit (first N images), skip_missing
+``long_retrieval``  long-caption image <-> text retrieval, one caption per image, each benchmark
+    in its released layout (:class:`LongRetrievalSpec` cites where each layout is defined):
+    format        "urban1k", "docci" or "sharegpt4v"                                   (required)
+    data_dir      the benchmark's folder (urban1k: holds image/ and caption/; docci: holds
+                  docci_descriptions.jsonlines and images/; sharegpt4v: the folder the JSON's
+                  image paths are relative to)                                         (required)
+    captions      docci: the descriptions file (default data_dir/docci_descriptions.jsonlines);
+                  sharegpt4v: the caption JSON (default data_dir/
+                  share-captioner_coco_lcs_sam_1246k_1107.json)
+    image_dir     default by format (data_dir/image, data_dir/images, data_dir)
+    split         docci: rows of this split (default "test", 5,000 images)
+    first         sharegpt4v: the first N records form the benchmark (default 1000)
+    max_length    tokens a LIFT text bank should embed these captions at (default 512); a bank
+                  made shorter is reported. CLIP reports how many captions its context cut.
+    ks            default (1, 5);  limit, skip_missing as above
 """
 
 from __future__ import annotations
@@ -262,10 +277,146 @@ class RetrievalSpec:
 SPECS = {"sugarcrepe": SugarCrepeSpec, "zeroshot": ZeroShotSpec, "retrieval": RetrievalSpec}
 
 
+# --------------------------------------------------------------------------------------------
+# Long-caption retrieval (Urban1k, DOCCI, ShareGPT4V-1k)
+# --------------------------------------------------------------------------------------------
+
+LONG_FORMATS = ("urban1k", "docci", "sharegpt4v")
+DOCCI_FILE = "docci_descriptions.jsonlines"
+SHAREGPT4V_FILE = "share-captioner_coco_lcs_sam_1246k_1107.json"
+
+
+def _urban1k_pairs(name: str, caption_dir: str, image_dir: str) -> list[tuple[str, list[str]]]:
+  pairs = []
+  for file in sorted(f for f in os.listdir(caption_dir) if f.endswith(".txt")):
+    path = os.path.join(caption_dir, file)
+    with open(path, encoding="utf-8") as f:
+      first = f.readline().rstrip("\n").rstrip("\r").strip()
+    if not first:
+      raise BenchmarkConfigError(f"benchmark {name!r}: {path} has no caption on its first line")
+    pairs.append((os.path.join(image_dir, file[:-len(".txt")] + ".jpg"), [first]))
+  if not pairs:
+    raise BenchmarkConfigError(f"benchmark {name!r}: {caption_dir} holds no <image>.txt captions")
+  return pairs
+
+
+def _docci_pairs(name: str, path: str, image_dir: str, split: str) -> list[tuple[str, list[str]]]:
+  import json
+
+  pairs = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        r = json.loads(line)
+        if r["split"] == split:
+          pairs.append((os.path.join(image_dir, r["image_file"]), [r["description"]]))
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise BenchmarkConfigError(
+            f"benchmark {name!r}: {path} line {n + 1} is not a DOCCI record with 'split', "
+            f"'image_file' and 'description' ({type(e).__name__}: {e})") from None
+  if not pairs:
+    raise BenchmarkConfigError(f"benchmark {name!r}: {path} has no rows with split {split!r}")
+  return pairs
+
+
+def _sharegpt4v_pairs(name: str, path: str, image_dir: str, first: int
+                      ) -> list[tuple[str, list[str]]]:
+  import json
+
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise BenchmarkConfigError(f"benchmark {name!r}: {path} is not valid JSON ({e})") from None
+  if not isinstance(data, list) or len(data) < first:
+    raise BenchmarkConfigError(
+        f"benchmark {name!r}: {path} must be a JSON list of at least first={first} records, "
+        f"it has {len(data) if isinstance(data, list) else type(data).__name__}")
+  pairs = []
+  for n, r in enumerate(data[:first]):
+    try:
+      caption = r["conversations"][1]["value"].replace("\n", " ")
+      pairs.append((os.path.join(image_dir, r["image"]), [caption]))
+    except (KeyError, IndexError, TypeError, AttributeError):
+      raise BenchmarkConfigError(
+          f"benchmark {name!r}: {path} record {n} lacks 'image' or the caption at "
+          "conversations[1].value") from None
+  return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class LongRetrievalSpec:
+  """One caption per image, retrieved both ways, in each benchmark's released layout.
+
+  * ``urban1k`` (Long-CLIP, arXiv 2403.15378; hub dataset BeichenZhang/Urban1k): ``image/<id>.jpg``
+    and ``caption/<id>.txt``; an image's caption is the first line of its text file, as
+    Long-CLIP's ``eval/retrieval/Urban1k.py`` reads it (1,000 pairs).
+  * ``docci`` (Onoe et al., arXiv 2404.19753; google/docci): ``docci_descriptions.jsonlines``, one
+    JSON object per line with ``example_id``, ``split``, ``image_file`` and ``description``, and the
+    images (``docci_images.tar.gz``) in ``images/``; retrieval uses the ``test`` split (5,000
+    images), as the long-caption results of LLM2CLIP (arXiv 2411.04997) and FLAME
+    (arXiv 2411.11927) do.
+  * ``sharegpt4v`` (ShareGPT4V, arXiv 2311.12793; hub dataset Lin-Chen/ShareGPT4V): the first 1,000
+    records of ``share-captioner_coco_lcs_sam_1246k_1107.json``, caption
+    ``conversations[1]["value"]`` with newlines replaced by spaces, image path ``image`` relative
+    to the data folder: Long-CLIP's ``share4v_val_dataset`` (``train/sharegpt4v.py``; Long-CLIP
+    trains on the records after them), reported as ShareGPT4V-1k by Long-CLIP and LLM2CLIP.
+  """
+
+  name: str
+  format: str | None = None
+  data_dir: str | None = None
+  captions: str | None = None
+  image_dir: str | None = None
+  split: str = "test"
+  first: int = 1000
+  max_length: int = 512
+  ks: tuple[int, ...] = (1, 5)
+  limit: int | None = None
+  skip_missing: bool = False
+  type: str = "long_retrieval"
+  shards = None  # images come from files (the retrieval evaluator's other source)
+
+  def __post_init__(self):
+    if self.format not in LONG_FORMATS:
+      raise BenchmarkConfigError(f"benchmark {self.name!r}: format must be one of {LONG_FORMATS}, "
+                                 f"got {self.format!r}")
+    object.__setattr__(self, "ks", tuple(int(k) for k in _tuple(self.ks)))
+    root = _require_file(self.name, "data_dir", self.data_dir)
+    if self.format == "urban1k":
+      captions, images = os.path.join(root, "caption"), os.path.join(root, "image")
+    elif self.format == "docci":
+      captions, images = os.path.join(root, DOCCI_FILE), os.path.join(root, "images")
+    else:
+      captions, images = os.path.join(root, SHAREGPT4V_FILE), root
+    object.__setattr__(self, "captions", _require_file(self.name, "captions",
+                                                       self.captions or captions))
+    object.__setattr__(self, "image_dir", self.image_dir or images)
+
+  def image_captions(self) -> list[tuple[str, list[str]]]:
+    """[(image path, [its caption])] in the benchmark's order, limited."""
+    if self.format == "urban1k":
+      pairs = _urban1k_pairs(self.name, self.captions, self.image_dir)
+    elif self.format == "docci":
+      pairs = _docci_pairs(self.name, self.captions, self.image_dir, self.split)
+    else:
+      pairs = _sharegpt4v_pairs(self.name, self.captions, self.image_dir, int(self.first))
+    return pairs[:self.limit] if self.limit else pairs
+
+  def texts(self) -> list[str]:
+    return T.unique(c for _, caps in self.image_captions() for c in caps)
+
+
+SPECS["long_retrieval"] = LongRetrievalSpec
+
+
 def parse(name: str, cfg: Mapping[str, Any], texts_only: bool = False):
   """The spec of one ``config.evals.benchmarks`` entry; ``texts_only`` specs serve to list
   texts and need no image source."""
   d = _as_dict(cfg)
+  d.pop("if_present", None)  # read by lift_jax.config_lib.resolve_eval_paths
   kind = d.pop("type", None)
   if kind not in SPECS:
     raise BenchmarkConfigError(f"benchmark {name!r}: type must be one of {sorted(SPECS)}, "

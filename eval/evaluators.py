@@ -299,6 +299,42 @@ EVALUATORS = {"sugarcrepe": SugarCrepeEvaluator, "zeroshot": ZeroShotEvaluator,
               "retrieval": RetrievalEvaluator}
 
 
+class LongRetrievalEvaluator(RetrievalEvaluator):
+  """Retrieval with long captions (Urban1k, DOCCI, ShareGPT4V-1k), plus what the text side could
+  read of them: a CLIP model reports ``num_texts_truncated`` (captions longer than its context,
+  counted with its tokenizer) and ``num_context_tokens``; a LIFT model reports its text bank's
+  max_length as ``num_bank_max_tokens`` and warns when the bank was embedded shorter than the
+  spec's ``max_length``."""
+
+  def run(self, predictor: Predictor) -> dict[str, float]:
+    out = super().run(predictor)
+    mode = getattr(predictor, "mode", None)
+    if mode == "clip":
+      lengths = getattr(predictor.tokenizer, "lengths", None)
+      if lengths is not None:
+        n = sum(int(k > predictor.context_length) for k in lengths(self._texts))
+        out[f"{self.name}/num_texts_truncated"] = float(n)
+        out[f"{self.name}/num_context_tokens"] = float(predictor.context_length)
+        if n:
+          logger.info("%s: %d of %d captions are longer than the text tower's context (%d "
+                      "tokens) and were cut", self.name, n, len(self._texts),
+                      predictor.context_length)
+    elif mode == "lift":
+      bank = predictor.text_bank
+      made_at = (bank.manifest.get("max_length") if bank is not None else None)
+      if made_at is not None:
+        out[f"{self.name}/num_bank_max_tokens"] = float(made_at)
+        if int(made_at) < self.spec.max_length:
+          logger.warning("%s: the text bank %s embedded texts at max_length %s, shorter than the "
+                         "%d this benchmark's captions call for; re-embed them with "
+                         "--config.max_length=%d", self.name, bank.folder, made_at,
+                         self.spec.max_length, self.spec.max_length)
+    return out
+
+
+EVALUATORS["long_retrieval"] = LongRetrievalEvaluator
+
+
 def make_evaluator(spec) -> Evaluator:
   return EVALUATORS[spec.type](spec)
 

@@ -6,6 +6,7 @@ differs. Optional strings and ints are ml_collections placeholders so ``--config
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ml_collections
@@ -49,6 +50,8 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"
   m.remat = False
   m.attention_impl = config_dict.placeholder(str)
+  m.init_from = config_dict.placeholder(str)
+  m.init_from_params = "^visual/"
   if mode == "lift":
     m.embed_dim = 4096
     m.head_hidden = (4096,)
@@ -68,6 +71,8 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   o.grad_clip_norm = config_dict.placeholder(float)
   o.grad_clip_norm = 1.0 if mode == "lift" else None
   o.grad_accum_steps = 1
+  o.frozen = ()
+  o.lr_multipliers = ()
 
   d = c.data = ml_collections.ConfigDict()
   d.images = config_dict.placeholder(str)
@@ -141,6 +146,11 @@ DOCS = {
     "model.remat": "Rematerialise each transformer block (less memory, one more forward).",
     "model.attention_impl": "jax.nn.dot_product_attention implementation: None (cuDNN where "
                             "possible, else XLA), 'xla' or 'cudnn'.",
+    "model.init_from": "Start a new run from pretrained weights: a Hugging Face CLIP folder "
+                       "(config.json + *.safetensors) or cached hub id, or a lift_jax checkpoint "
+                       "(see lift_jax/pretrained.py); None = random init.",
+    "model.init_from_params": "Regex over parameter paths taken from model.init_from "
+                              "(default the image tower, '^visual/').",
     "model.embed_dim": "Width of the compared embeddings: the text encoder's (NV-Embed-v2: "
                        "4096; MiniLM: 384) for LIFT, the projection's for CLIP.",
     "model.head_hidden": "LIFT head hidden widths: Linear(width -> h) -> GELU -> ... -> "
@@ -163,6 +173,10 @@ DOCS = {
     "optim.grad_clip_norm": "Global-norm gradient clipping; 1.0 for LIFT, None for CLIP.",
     "optim.grad_accum_steps": "Split each global batch into N micro-batches; the gradient of "
                               "the global-batch loss stays exact (embeddings cached).",
+    "optim.frozen": "Regexes over parameter paths (e.g. '^visual/'): matching parameters "
+                    "stay bit-identical and hold no optimizer state.",
+    "optim.lr_multipliers": "(regex, factor) pairs, first match wins: the parameter's AdamW "
+                            "update (weight decay included) is scaled by factor.",
     "data.images": "Folder of images-*.array_record shards.",
     "data.embeddings": "LIFT: folder of embeddings-*.array_record aligned with data.images.",
     "data.caption_field": "Caption field the CLIP baseline tokenises ('caption' or "
@@ -201,8 +215,9 @@ DOCS = {
     "evals.data_root": "Folder that relative benchmark paths are joined to.",
     "evals.synthetic_suite": "Evaluate the synthetic set's compositional, classification and "
                              "retrieval sets (with data.prepare='synthetic').",
-    "evals.benchmarks": "{name: {type: sugarcrepe | zeroshot | retrieval, ...}}; see "
-                        "eval/benchmarks.py for each type's fields.",
+    "evals.benchmarks": "{name: {type: sugarcrepe | zeroshot | retrieval | long_retrieval, "
+                        "...}}; see eval/benchmarks.py for each type's fields. if_present=True: "
+                        "skip the benchmark when its files are not there.",
 }
 
 
@@ -236,6 +251,20 @@ def add_paper_benchmarks(c: ml_collections.ConfigDict) -> None:
   })
 
 
+def add_long_caption_benchmarks(c: ml_collections.ConfigDict) -> None:
+  """Urban1k, DOCCI (test) and ShareGPT4V-1k long-caption retrieval (see
+  ``eval/benchmarks.py::LongRetrievalSpec``), each evaluated when its folder is under
+  ``config.evals.data_root`` and skipped (with a log line) when it is not::
+
+      urban1k/image/<id>.jpg  urban1k/caption/<id>.txt
+      docci/docci_descriptions.jsonlines  docci/images/<image_file>
+      sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json  sharegpt4v/<record's image path>
+  """
+  for name in ("urban1k", "docci", "sharegpt4v"):
+    c.evals.benchmarks[name] = {"type": "long_retrieval", "format": name, "data_dir": name,
+                                "if_present": True}
+
+
 def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict,
                                                                     list[str]]:
   """Joins relative benchmark paths to ``evals.data_root``.
@@ -249,6 +278,7 @@ def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collection
   benchmarks = {}
   for name, bench in (config.evals.get("benchmarks") or {}).items():
     bench = dict(bench)
+    if_present = bench.pop("if_present", False)  # optional data: skipped when absent
     relative = [f for f in PATH_FIELDS if isinstance(bench.get(f), str) and bench[f]
                 and not os.path.isabs(bench[f])]
     if relative and not root:
@@ -256,6 +286,11 @@ def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collection
       continue
     for f in relative:
       bench[f] = os.path.join(root, bench[f])
+    absent = [bench[f] for f in PATH_FIELDS if isinstance(bench.get(f), str) and bench[f]
+              and not os.path.exists(bench[f])]
+    if if_present and absent:
+      logging.info("benchmark %s skipped: %s is not there", name, absent[0])
+      continue
     benchmarks[name] = bench
   config.evals.benchmarks = benchmarks
   return config, dropped
@@ -276,6 +311,8 @@ def paper(mode: str, captions: str, samples: str, variant_arg: str | None = None
     c.data.tokenizer = "openai/clip-vit-base-patch16"  # CLIP's BPE; a local folder works too
   c.data.embed_config = "embed/configs/nvembed_v2.py"
   add_paper_benchmarks(c)
+  if long:
+    add_long_caption_benchmarks(c)
   if variant_arg:
     if variant_arg not in ("cos", "sigmoid"):
       raise ValueError(f"unknown config argument {variant_arg!r}; expected 'cos' or 'sigmoid'")

@@ -3,12 +3,26 @@
 OpenCLIP's recipe, which LIFT keeps: lr 1e-3, betas (0.9, 0.98), eps 1e-6, decoupled weight decay
 0.2 on parameters with ndim >= 2 only, linear warmup lr * (step + 1) / warmup, then cosine to 0
 over the remaining steps; global-norm clipping at 1.0 for LIFT, none for the CLIP baseline.
+
+Beyond the paper, for starting from a pretrained tower (regex rules over parameter paths as
+:func:`lift_jax.sharding.path_str` writes them, e.g. ``visual/transformer/resblocks/3/ln_1/scale``):
+
+* ``optim.frozen``: parameters matching any rule get a zero update (they stay bit-identical), no
+  AdamW state (``optax.MaskedNode`` in place of their moments), and no share of the clipped
+  global norm.
+* ``optim.lr_multipliers``: ``(regex, factor)`` pairs, first match wins; a parameter's whole AdamW
+  update (the weight-decay term included) is scaled by its factor, which is exactly a learning
+  rate of ``factor * lr`` for it. The factors hold no state: a run may resume with other
+  factors (though not switch from no rules to some, which changes the state's structure).
+
+Without either, the transformation and its state are exactly the paper's.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +49,61 @@ def decay_mask(params, min_ndim: int = 2):
   return jax.tree.map(lambda p: jnp.ndim(p) >= min_ndim, params)
 
 
+def _rules(value) -> list:
+  """A config's rule list (tuple, list, or one regex string) as a list."""
+  if not value:
+    return []
+  if isinstance(value, str):
+    return [value]
+  return list(value)
+
+
+def frozen_mask(params, frozen: Sequence[str] | str | None):
+  """True where a parameter's path matches one of the ``frozen`` regexes."""
+  from lift_jax.sharding import path_str
+
+  patterns = [re.compile(p) for p in _rules(frozen)]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(p.search(path_str(path)) for p in patterns), params)
+
+
+def lr_factors(params, multipliers) -> Any:
+  """A float per parameter: the factor of the first ``(regex, factor)`` rule its path matches, 1.0
+  where none does."""
+  from lift_jax.sharding import path_str
+
+  rules = []
+  for rule in _rules(multipliers):
+    if isinstance(rule, str) or len(rule) != 2:
+      raise ValueError(f"optim.lr_multipliers entries are (regex, factor) pairs, got {rule!r}")
+    rules.append((re.compile(rule[0]), float(rule[1])))
+
+  def factor(path, _):
+    name = path_str(path)
+    return next((f for p, f in rules if p.search(name)), 1.0)
+
+  return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def freeze_grads(grads, optim: Mapping[str, Any]):
+  """Zero gradients for the frozen parameters (no-op without ``optim.frozen``): XLA then drops
+  their weight-gradient computations, and the logged gradient norm covers trainable ones only."""
+  if not _rules(optim.get("frozen")):
+    return grads
+  mask = frozen_mask(grads, optim.get("frozen"))
+  return jax.tree.map(lambda g, m: jnp.zeros_like(g) if m else g, grads, mask)
+
+
+def _scale_by_factors(multipliers) -> optax.GradientTransformation:
+  def update(updates, state, params=None):
+    del params
+    factors = lr_factors(updates, multipliers)
+    return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype),
+                        updates, factors), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim: Mapping[str, Any], total_steps: int):
   """Returns (optax transformation, schedule)."""
   schedule = lr_schedule(optim["lr"], optim["warmup_steps"], total_steps)
@@ -44,4 +113,30 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int):
   clip = optim.get("grad_clip_norm")
   # Same state structure with or without clipping, so a resumed run may switch it.
   clipping = optax.clip_by_global_norm(clip) if clip else optax.identity()
-  return optax.chain(clipping, adamw), schedule
+  frozen = _rules(optim.get("frozen"))
+  multipliers = _rules(optim.get("lr_multipliers"))
+  if not frozen and not multipliers:
+    return optax.chain(clipping, adamw), schedule
+  if multipliers:
+    adamw = optax.chain(adamw, _scale_by_factors(multipliers))
+  if not frozen:
+    return optax.chain(clipping, adamw), schedule
+
+  def labels(params):
+    return jax.tree.map(lambda m: "frozen" if m else "trained", frozen_mask(params, frozen))
+
+  def zero_frozen(updates, state, params=None):
+    del params
+    return freeze_grads(updates, optim), state
+
+  return optax.chain(
+      optax.GradientTransformation(lambda params: optax.EmptyState(), zero_frozen),
+      clipping,
+      optax.multi_transform({"frozen": optax.set_to_zero(), "trained": adamw}, labels),
+  ), schedule
+
+
+def state_bytes(opt_state) -> int:
+  """Bytes held by an optimizer state (arrays or ShapeDtypeStructs; masked leaves hold none)."""
+  return sum(int(math.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(opt_state) if hasattr(x, "shape"))

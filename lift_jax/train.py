@@ -28,7 +28,7 @@ from lift_jax.metrics import MetricWriter, peak_flops
 from lift_jax.models.two_tower import LOGIT_SCALE_MAX, TwoTower
 
 # Model fields that do not change the parameters: a resumed run may change them.
-NON_SHAPE_MODEL_FIELDS = ("dtype", "remat", "attention_impl")
+NON_SHAPE_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "init_from", "init_from_params")
 
 
 @cli.user_error
@@ -90,6 +90,7 @@ def make_train_step(graphdef, config, tx, schedule):
   def step(state, batch):
     params = state["params"]
     loss, grads = (accumulated_grads if accum > 1 else simple_grads)(params, batch)
+    grads = optim.freeze_grads(grads, config.optim)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -141,6 +142,9 @@ def check_compatible(saved: dict[str, Any], config) -> None:
   compare(saved.get("model", {}), current.get("model", {}), "model")
   for key in ("batch_size",):
     compare(saved.get(key), current.get(key), key)
+  for key in ("frozen",):  # decides which parameters have optimizer state
+    compare(list(saved.get("optim", {}).get(key) or ()),
+            list(current.get("optim", {}).get(key) or ()), f"optim.{key}")
   if diffs:
     raise TrainingError("the workdir's checkpoints were made with a different model or data "
                         "shape; use a new --workdir or restore the config. Differences:\n" +
@@ -310,6 +314,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with jax.set_mesh(mesh):
     state = jax.jit(setup.init, out_shardings=state_shardings)(rng)
   latest = mngr.latest_step()
+  if latest is None and config.model.get("init_from"):
+    from lift_jax import pretrained
+
+    state = dict(state, params=pretrained.load_into(state["params"], config.model))
   if latest is not None:
     step_dir = os.path.join(workdir, ckpt.CHECKPOINTS, str(latest))
     saved_cfg = ckpt.read_config(step_dir)

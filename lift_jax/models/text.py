@@ -90,6 +90,11 @@ class Tokenizer:
     """The id the text tower pools at (None: argmax, CLIP's convention)."""
     return None if self.is_clip_bpe else self.eot_token_id
 
+  def lengths(self, texts: list[str]) -> list[int]:
+    """Token counts before truncation, special tokens included (> context_length: cut)."""
+    return [len(ids) for ids in self._tok(list(texts), add_special_tokens=True,
+                                           truncation=False)["input_ids"]]
+
   def __call__(self, texts: list[str]) -> np.ndarray:
     enc = self._tok(list(texts), add_special_tokens=True, truncation=True,
                     max_length=self.context_length, padding=False)["input_ids"]

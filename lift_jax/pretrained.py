@@ -1,0 +1,140 @@
+"""Start training from pretrained weights: ``model.init_from`` and ``model.init_from_params``.
+
+``model.init_from`` names one of
+
+* a Hugging Face CLIP checkpoint: a folder with ``config.json`` and ``*.safetensors``, or a hub id
+  already in the local cache (see :mod:`lift_jax.tools.import_torch` for the name map and for
+  what maps exactly); its config.json is checked, and a checkpoint whose towers would compute
+  another function here (quick_gelu, another head count) is refused;
+* a lift_jax checkpoint: a workdir, its ``checkpoints`` folder or one step folder (e.g. the
+  demo's trained run, or an OpenCLIP/LIFT ``.pt`` converted by ``lift_jax.tools.import_torch``).
+
+Only the parameters whose path matches ``model.init_from_params`` (a regex; default ``^visual/``,
+the image tower) are taken, and every one of them must be in the source with the same shape;
+the rest keep their fresh initialisation. Used once, when a run starts without checkpoints;
+a resumed run restores its own parameters. Combine with ``optim.frozen`` to lock what was loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from lift_jax import cli
+from lift_jax.sharding import path_str
+
+DEFAULT_PARAMS = "^visual/"
+
+
+@cli.user_error
+class InitFromError(ValueError):
+  """model.init_from cannot initialise the config's model; the message names what and why."""
+
+
+def _is_lift_checkpoint(path: str) -> bool:
+  from lift_jax import checkpoint as ckpt
+
+  if not os.path.isdir(path):
+    return False
+  return (os.path.isdir(os.path.join(path, ckpt.CHECKPOINTS)) or
+          os.path.isdir(os.path.join(path, ckpt.PARAMS)) or
+          any(d.isdigit() for d in os.listdir(path)))
+
+
+def _flat(tree) -> dict[str, Any]:
+  return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _from_lift_checkpoint(source: str, abstract: dict[str, Any], select) -> dict[str, np.ndarray]:
+  from lift_jax import checkpoint as ckpt
+
+  try:
+    saved, step = ckpt.restore_params(source)
+  except ckpt.CheckpointError as e:
+    raise InitFromError(f"model.init_from={source}: {e}") from None
+  saved = {k: np.asarray(v) for k, v in _flat(saved).items()}
+  wanted = [k for k in abstract if select.search(k)]
+  missing = [k for k in wanted if k not in saved]
+  misshaped = [f"{k}: checkpoint {saved[k].shape}, model {tuple(abstract[k].shape)}"
+               for k in wanted if k in saved and saved[k].shape != tuple(abstract[k].shape)]
+  if missing or misshaped:
+    raise InitFromError(
+        f"model.init_from={source} (step {step}) does not fit the config's model for "
+        f"model.init_from_params={select.pattern!r}: "
+        + "; ".join(filter(None, [f"missing {missing[:5]}" if missing else "",
+                                  f"mis-shaped {misshaped[:5]}" if misshaped else ""]))
+        + ". Use a checkpoint of the same architecture or narrow model.init_from_params")
+  logging.info("model.init_from: %d parameters from %s (step %d)", len(wanted), source, step)
+  return {k: saved[k] for k in wanted}
+
+
+def _from_hf(source: str, model_cfg: Mapping[str, Any], params, select) -> dict[str, np.ndarray]:
+  from lift_jax.tools import import_torch
+
+  try:
+    state, hf_config = import_torch.load_hf_clip(source)
+    problems = import_torch.hf_config_problems(hf_config, model_cfg)
+    if problems:
+      raise InitFromError(f"model.init_from={source}: " + "; ".join(problems))
+    skipped: list[str] = []
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    loaded = import_torch.convert(state, abstract, select=select.pattern, skipped=skipped)
+  except import_torch.StateDictError as e:
+    raise InitFromError(f"model.init_from={source}: {e}") from None
+  if (model_cfg.get("pool") or "avg") == "avg" and any(
+      select.search(k) for k in ("visual/ln_post/scale", "visual/transformer")):
+    logging.warning(
+        "model.init_from=%s: model.pool='avg' averages the patch tokens after ln_post; the "
+        "pretrained tower was trained through its class token (HF's pooler_output), so this "
+        "feature is new to it. model.pool='tok' keeps the pretrained feature exactly.", source)
+  flat = _flat(loaded)
+  logging.info("model.init_from: %d parameters from %s; %d of its tensors not used "
+               "(model.init_from_params=%r)", len(flat), source, len(skipped), select.pattern)
+  return flat
+
+
+def load_into(params, model_cfg: Mapping[str, Any]):
+  """``params`` (the model's pure dict, possibly sharded) with the selected parameters replaced
+  by ``model_cfg['init_from']``'s, each placed as the parameter it replaces."""
+  import re
+
+  source = os.path.expanduser(str(model_cfg["init_from"]))
+  pattern = model_cfg.get("init_from_params") or DEFAULT_PARAMS
+  try:
+    select = re.compile(pattern)
+  except re.error as e:
+    raise InitFromError(f"model.init_from_params={pattern!r} is not a regex ({e})") from None
+  abstract = _flat(params)
+  if not any(select.search(k) for k in abstract):
+    raise InitFromError(f"model.init_from_params={pattern!r} matches no parameter of the model "
+                        f"(paths look like {next(iter(abstract))!r})")
+  if source.endswith((".pt", ".pth", ".bin")) and os.path.isfile(source):
+    raise InitFromError(
+        f"model.init_from={source} is a PyTorch file; convert it once with `python -m "
+        "lift_jax.tools.import_torch --checkpoint=FILE --config=CONFIG --output=DIR` and set "
+        "model.init_from=DIR")
+  from lift_jax.tools import import_torch
+
+  if _is_lift_checkpoint(source):
+    loaded = _from_lift_checkpoint(source, abstract, select)
+  elif import_torch.is_hf_checkpoint(source):
+    loaded = _from_hf(source, model_cfg, params, select)
+  else:
+    raise InitFromError(
+        f"model.init_from={source}: neither a lift_jax checkpoint (workdir, checkpoints folder or "
+        "step folder) nor a Hugging Face CLIP folder (config.json + *.safetensors) or hub id")
+
+  def replace(path, leaf):
+    value = loaded.get(path_str(path))
+    if value is None:
+      return leaf
+    value = np.asarray(value, leaf.dtype)
+    if hasattr(leaf, "sharding"):
+      return jax.device_put(value, leaf.sharding)
+    return value
+
+  return jax.tree_util.tree_map_with_path(replace, params)

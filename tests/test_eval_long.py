@@ -1,0 +1,185 @@
+"""Long-caption retrieval (Urban1k, DOCCI, ShareGPT4V-1k) on tiny fixtures written in each
+benchmark's released layout: hand-computed recall, the subset each benchmark defines, clear
+errors, the sharded runner with LIFT (text bank length reported) and CLIP (captions cut by the
+context counted), and the configs' if-present rule."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from eval import benchmarks
+from eval.evaluators import EvalRunner, MissingImagesError, make_evaluator
+from eval.texts import required_texts
+from eval_fixtures import (FakePredictor, clip_model_config, config, lift_model_config,
+                           stand_in_image, tiny_model, write_bank)
+from lift_jax import config_lib
+
+E = np.eye(4, dtype=np.float32)
+# Three images and their long captions; the embeddings make the answer computable by hand.
+CAPTIONS = {"a": "A long description of the first picture. It has a red square on the left.",
+            "b": "The second picture shows a blue circle above a green triangle, small.",
+            "c": "A third scene: nothing but a grey background with no objects at all."}
+IMAGE_EMB = {"a": E[0], "b": 0.8 * E[0] + 0.6 * E[2], "c": E[1]}
+TEXT_EMB = {"a": E[0], "b": E[2], "c": E[3]}
+
+
+def write_urban1k(root, ids=("a", "b", "c")):
+  os.makedirs(root / "image")
+  os.makedirs(root / "caption")
+  for i, k in enumerate(ids):
+    stand_in_image(str(root / "image" / f"{k}.jpg"), i, size=(8, 8))
+    # Only the first line is the caption (Long-CLIP reads readlines()[0]).
+    (root / "caption" / f"{k}.txt").write_text(CAPTIONS[k] + "\nsecond line, not read\n")
+  return root
+
+
+def write_docci(root, ids=("a", "b", "c")):
+  os.makedirs(root / "images")
+  rows = [{"example_id": "train_00001", "split": "train", "image_file": "train_00001.jpg",
+           "description": "a training description that is not scored"}]
+  for i, k in enumerate(ids):
+    stand_in_image(str(root / "images" / f"test_{k}.jpg"), i, size=(8, 8))
+    rows.append({"example_id": f"test_{k}", "split": "test", "image_file": f"test_{k}.jpg",
+                 "description": CAPTIONS[k]})
+  rows.append({"example_id": "qual_dev_00001", "split": "qual_dev",
+               "image_file": "qual_dev_00001.jpg", "description": "not scored either"})
+  (root / benchmarks.DOCCI_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return root
+
+
+def write_sharegpt4v(root, ids=("a", "b", "c"), extra=2):
+  os.makedirs(root / "coco" / "train2017")
+  records = []
+  for i, k in enumerate(ids):
+    stand_in_image(str(root / "coco" / "train2017" / f"{k}.jpg"), i, size=(8, 8))
+    first, rest = CAPTIONS[k].split(" ", 1)
+    records.append({"id": k, "image": f"coco/train2017/{k}.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in this image?"},
+        {"from": "gpt", "value": f"{first}\n{rest}"}]})  # the newline becomes a space
+  for j in range(extra):  # after the benchmark's records: not part of it
+    records.append({"id": f"x{j}", "image": f"sam/images/x{j}.jpg", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"unused {j}"}]})
+  (root / benchmarks.SHAREGPT4V_FILE).write_text(json.dumps(records))
+  return root
+
+
+WRITERS = {"urban1k": write_urban1k, "docci": write_docci, "sharegpt4v": write_sharegpt4v}
+
+
+def spec_for(tmp_path, fmt, **kw):
+  root = WRITERS[fmt](tmp_path / fmt)
+  extra = {"first": 3} if fmt == "sharegpt4v" else {}
+  return benchmarks.parse(fmt, {"type": "long_retrieval", "format": fmt, "data_dir": str(root),
+                                **extra, **kw})
+
+
+def fake_predictor(spec):
+  by_caption = {CAPTIONS[k]: k for k in CAPTIONS}
+  pairs = spec.image_captions()
+  images = {os.path.basename(p): IMAGE_EMB[by_caption[c[0]]] for p, c in pairs}
+  return FakePredictor(images, {CAPTIONS[k]: TEXT_EMB[k] for k in CAPTIONS})
+
+
+@pytest.mark.parametrize("fmt", ["urban1k", "docci", "sharegpt4v"])
+def test_known_answer_in_each_released_layout(tmp_path, fmt):
+  spec = spec_for(tmp_path, fmt)
+  assert sorted(c for _, (c,) in spec.image_captions()) == sorted(CAPTIONS.values())
+  assert spec.texts() == [c for _, (c,) in spec.image_captions()]
+  ev = make_evaluator(spec)
+  out = ev.run(fake_predictor(spec))
+  # i2t: a -> its caption (1.0) hit; b -> a's caption 0.8 above its own 0.6: rank 2; c scores 0
+  #      against every caption: a tie, counted as a miss.  R@1 1/3, R@5 3/3.
+  # t2i: a's caption -> a (1.0) hit; b's caption -> b (0.6) hit; c's -> all 0: miss. R@1 2/3.
+  assert out == pytest.approx({f"{fmt}/i2t_r1": 1 / 3, f"{fmt}/i2t_r5": 1.0,
+                               f"{fmt}/t2i_r1": 2 / 3, f"{fmt}/t2i_r5": 1.0,
+                               f"{fmt}/num_images": 3, f"{fmt}/num_texts": 3})
+
+
+def test_subsets_each_benchmark_defines(tmp_path):
+  docci = spec_for(tmp_path, "docci")
+  assert [os.path.basename(p) for p, _ in docci.image_captions()] == [
+      "test_a.jpg", "test_b.jpg", "test_c.jpg"]  # the test split only, in file order
+  share = spec_for(tmp_path, "sharegpt4v")
+  pairs = share.image_captions()
+  assert len(pairs) == 3 and "unused 0" not in share.texts()  # the first N records only
+  assert pairs[0] == (str(tmp_path / "sharegpt4v" / "coco" / "train2017" / "a.jpg"),
+                      [CAPTIONS["a"]])
+  more = benchmarks.parse("s", {"type": "long_retrieval", "format": "sharegpt4v",
+                                "data_dir": str(tmp_path / "sharegpt4v"), "first": 4})
+  assert more.texts()[-1] == "unused 0"
+  urban = spec_for(tmp_path, "urban1k", limit=2)
+  assert [c for _, (c,) in urban.image_captions()] == [CAPTIONS["a"], CAPTIONS["b"]]
+
+
+def test_bad_files_are_named(tmp_path):
+  spec = spec_for(tmp_path, "docci")
+  with open(spec.captions, "a", encoding="utf-8") as f:
+    f.write(json.dumps({"split": "test", "image_file": "x.jpg"}) + "\n")
+  with pytest.raises(benchmarks.BenchmarkConfigError, match=r"line 6 .*'description'"):
+    spec.image_captions()
+  with pytest.raises(benchmarks.BenchmarkConfigError, match="at least first=1000"):
+    benchmarks.parse("s", {"type": "long_retrieval", "format": "sharegpt4v",
+                           "data_dir": str(write_sharegpt4v(tmp_path / "s"))}).image_captions()
+  with pytest.raises(benchmarks.BenchmarkConfigError, match="format must be one of"):
+    benchmarks.parse("u", {"type": "long_retrieval", "format": "urban", "data_dir": "x"})
+  urban = spec_for(tmp_path, "urban1k")
+  os.remove(os.path.join(urban.image_dir, "b.jpg"))
+  with pytest.raises(MissingImagesError, match="1 of 3 images are missing .*b.jpg"):
+    make_evaluator(urban)
+  skipped = make_evaluator(benchmarks.parse("u", {"type": "long_retrieval", "format": "urban1k",
+                                                  "data_dir": str(tmp_path / "urban1k"),
+                                                  "skip_missing": True}))
+  assert len(skipped.images) == 2 and skipped.skipped_images == 1
+
+
+def test_sharded_runner_lift_reports_the_bank_length(tmp_path, caplog):
+  benches = {f: {"type": "long_retrieval", "format": f, "data_dir": str(WRITERS[f](tmp_path / f)),
+                 **({"first": 3} if f == "sharegpt4v" else {})} for f in WRITERS}
+  cfg = config(lift_model_config(), benches, text_bank=str(tmp_path / "bank"), batch_size=16)
+  write_bank(cfg.evals.text_bank, required_texts(cfg.evals))
+  manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+  manifest["max_length"] = 77  # embedded at the short length
+  (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
+  runner = EvalRunner(cfg, tiny_model("lift"))
+  with caplog.at_level(logging.WARNING):
+    out = runner.run()
+  for f in WRITERS:
+    assert out[f"{f}/num_images"] == 3 and out[f"{f}/num_bank_max_tokens"] == 77
+    assert 0 <= out[f"{f}/i2t_r1"] <= 1
+  assert "re-embed them with --config.max_length=512" in caplog.text
+  # Same images, same captions: the three benchmarks score identically.
+  assert out["urban1k/t2i_r1"] == out["docci/t2i_r1"] == out["sharegpt4v/t2i_r1"]
+
+
+def test_sharded_runner_clip_counts_captions_cut_by_the_context(tmp_path, minilm_path):
+  root = write_urban1k(tmp_path / "urban1k")
+  # MiniLM's WordPiece: "red" is one token; [CLS] + 30 words + [SEP] = 32 > the context of 24.
+  (root / "caption" / "a.txt").write_text(" ".join(["red"] * 30) + "\n")
+  (root / "caption" / "b.txt").write_text(" ".join(["red"] * 22) + "\n")  # 24 tokens: fits
+  cfg = config(clip_model_config(), {"urban1k": {"type": "long_retrieval", "format": "urban1k",
+                                                 "data_dir": str(root)}},
+               tokenizer=minilm_path, batch_size=16)
+  out = EvalRunner(cfg, tiny_model("clip")).run()
+  assert out["urban1k/num_texts_truncated"] == 1 and out["urban1k/num_context_tokens"] == 24
+  assert out["urban1k/num_images"] == 3
+
+
+def test_configs_evaluate_long_captions_when_present(tmp_path):
+  from lift_jax.tools.config_reference import load
+
+  for name in ("vitb16_recap", "clip_vitb16_recap"):
+    assert {"urban1k", "docci", "sharegpt4v"} <= set(load(name).evals.benchmarks)
+  c = load("vitb16_recap")
+  write_urban1k(tmp_path / "urban1k")
+  c.evals.data_root = str(tmp_path)
+  resolved, dropped = config_lib.resolve_eval_paths(c)
+  assert dropped == []
+  # Only Urban1k is under data_root; the others (and the short-caption suites, not optional)...
+  assert "urban1k" in resolved.evals.benchmarks
+  assert "docci" not in resolved.evals.benchmarks and "sharegpt4v" not in resolved.evals.benchmarks
+  assert "coco" in resolved.evals.benchmarks
+  spec = benchmarks.parse("urban1k", resolved.evals.benchmarks["urban1k"])
+  assert spec.image_dir == str(tmp_path / "urban1k" / "image") and len(spec.texts()) == 3
