@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from embed.base import Encoder, Prepared, pad_ids  # noqa: F401  (the encoders' interface)
 from embed.config import ENCODERS
 from embed.errors import EmbedError
 
@@ -127,29 +128,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Prepared:
-  """Tokenised texts: what a batch is built from."""
-  inputs: list[Any]  # token ids (pooled encoders) or the texts themselves (nv_embed)
-  lengths: list[int]  # tokens after truncation, special tokens included
-  truncated: list[bool]
-
-
-class Encoder:
-  """A frozen text encoder; subclasses implement prepare and encode."""
-
-  name: str
-  dim: int
-  revision: str | None
-
-  def prepare(self, texts: Sequence[str]) -> Prepared:
-    raise NotImplementedError
-
-  def encode(self, inputs: Sequence[Any]) -> np.ndarray:
-    """float32 [len(inputs), dim]."""
-    raise NotImplementedError
-
-
 class PooledEncoder(Encoder):
   """A transformers AutoModel whose final hidden states are pooled (mean, cls or last_token)."""
 
@@ -210,19 +188,6 @@ class PooledEncoder(Encoder):
     out = self.model(**kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return pool(hidden.float(), kwargs["attention_mask"], self.pooling).cpu().numpy()
-
-
-def pad_ids(inputs: Sequence[list[int]], pad_id: int, side: str
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-  """Token id lists -> (ids, 0/1 mask), both long [n, longest], padded on ``side``."""
-  width = max(len(x) for x in inputs)
-  ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
-  mask = torch.zeros((len(inputs), width), dtype=torch.long)
-  for row, x in enumerate(inputs):
-    cols = slice(width - len(x), width) if side == "left" else slice(0, len(x))
-    ids[row, cols] = torch.tensor(x, dtype=torch.long)
-    mask[row, cols] = 1
-  return ids, mask
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embed.encoders import Encoder, Prepared, pad_ids
+from embed.base import Encoder, Prepared, pad_ids
 from embed.errors import EmbedError
 
 CONFIG = "config.json"

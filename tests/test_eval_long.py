@@ -12,7 +12,7 @@ import pytest
 
 from eval import benchmarks
 from eval.evaluators import EvalRunner, MissingImagesError, make_evaluator
-from eval.texts import required_texts
+from eval.benchmarks import required_texts
 from eval_fixtures import (FakePredictor, clip_model_config, config, lift_model_config,
                            stand_in_image, tiny_model, write_bank)
 from lift_jax import config_lib
