@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import fakedata
+from conftest import require
 from lift_jax import checkpoint as ckpt
 from lift_jax import config_lib, optim, pretrained, train
 from lift_jax.models.two_tower import TwoTower
@@ -131,8 +132,8 @@ def test_vitb16_frozen_tower_state_saving():
 # Hugging Face CLIP through the import path
 
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 WIDTH, LAYERS, HEADS, PATCH, IMAGE = 32, 2, 4, 8, 32
 
