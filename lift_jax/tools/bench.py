@@ -429,7 +429,10 @@ def bench_input(config) -> dict[str, Any]:
               f"{os.cpu_count()} CPU cores)")
   print_table([host], list(host), "one core, no grain")
   return {**device_info(), "cpu_count": os.cpu_count(), "batch": config.batch_size,
-          "image_size": config.model.image_size, "rows": rows, "host_transform": host}
+          "image_size": config.model.image_size, "rows": rows, "host_transform": host,
+          "what": f"grain pipeline of the config (read, decode, random resized crop, batch) "
+                  f"over {config.data.images}; {FLAGS.batches} batches timed per worker count "
+                  "after warm-up; one core without grain for comparison"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -968,10 +971,13 @@ class Suite:
           raise
         entry.update(status)
         entry["result"] = result
-      if entry.get("result") and not self.device:
+      if entry.get("result") and not self.device and "device_kind" in entry["result"]:
         self.device = {k: entry["result"].get(k) for k in
-                       ("platform", "device_kind", "device_count", "process_count", "jax")
-                       if k in entry["result"]}
+                       ("platform", "device_kind", "device_count", "process_count", "jax")}
+      if entry.get("result"):  # every measured row says where it ran
+        entry.setdefault("device_kind", entry["result"].get("device_kind",
+                                                            self.device.get("device_kind")))
+        entry.setdefault("jax", entry["result"].get("jax", self.device.get("jax")))
       print(f"[suite] {row.name}: {entry['status']}" +
             (f" ({entry['error']})" if entry.get("error") else ""), flush=True)
       self.rows.append(entry)
@@ -1073,7 +1079,8 @@ def suite_markdown(result: dict[str, Any]) -> str:
            f"{result['budget_s']:.0f} s budget. Command: `{result['command']}`", "",
            "## Train step (random on-device data)", "",
            "| row | status | per-device batch | img/s | img/s/device | GFLOP/img | MFU | "
-           "peak memory GiB | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+           "memory GiB (peak in use; CPU: compiled) | compile s |",
+           "|---|---|---|---|---|---|---|---|---|"]
   gib = lambda b: b / 2**30 if b else None
   for r in result["rows"]:
     if r["kind"] != "step":
