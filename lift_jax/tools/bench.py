@@ -70,6 +70,27 @@ flags.DEFINE_string("workdir", "bench_workdir",
 flags.DEFINE_string("compare_config", None,
                     "step: a second config (e.g. the CLIP counterpart) timed in the same run; "
                     "the table then shows the step-time and FLOPs ratios.")
+flags.DEFINE_float("budget_s", 420, "suite: wall-clock seconds for the whole suite; rows that "
+                   "would start later are skipped, a row still running then is stopped.")
+flags.DEFINE_float("row_min_s", 20, "suite: do not start a row with fewer seconds than this left.")
+flags.DEFINE_string("suite_batches", "256,128", "suite: per-device batches to try, in order, "
+                    "the next one after running out of memory.")
+flags.DEFINE_string("suite_lengths", "77,323", "suite: CLIP caption lengths.")
+flags.DEFINE_integer("suite_records", 4096, "suite: 256-px JPEG records generated for the input "
+                     "and end-to-end rows.")
+flags.DEFINE_integer("suite_e2e_steps", 60, "suite: training steps of the end-to-end row.")
+flags.DEFINE_string("suite_workers", "auto", "suite: grain worker counts of the input row "
+                    "(auto: 1, 2, 4, ... up to the CPU cores).")
+flags.DEFINE_enum("suite_embed_arch", "auto", ["auto", "7b", "tiny"],
+                  "suite: NV-Embed-v2-architecture size of the embedding row (auto: 7b on a GPU, "
+                  "tiny elsewhere).")
+flags.DEFINE_integer("suite_captions", 0, "suite: captions the embedding row embeds "
+                     "(0: 8192 for the 7B model, 256 for the tiny one).")
+flags.DEFINE_string("suite_rows", None, "suite: run only the rows whose name matches this "
+                    "regular expression (e.g. 'CLIP' or 'input|e2e'); the others are listed as "
+                    "not selected.")
+flags.DEFINE_bool("fresh", False, "suite: measure every row again instead of keeping the rows "
+                  "that finished in an earlier run into the same --output.")
 
 
 def device_info() -> dict[str, Any]:
@@ -501,38 +522,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 SUITE_CONFIGS = {"lift": os.path.join(REPO_ROOT, "configs", "vitb16_datacomp.py"),
                  "clip": os.path.join(REPO_ROOT, "configs", "clip_vitb16_datacomp.py")}
 
-# NV-Embed-v2's architecture: the Mistral-7B backbone and the latent-attention pooler of the
-# checkpoint's config.json. "tiny" is the same layout at a size a CPU runs in seconds.
-NVEMBED_ARCH = {
-    "7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_latents=512,
-               latent_dim=4096, num_cross_heads=8, cross_dim_head=4096),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=32000, num_latents=16,
-                 latent_dim=64, num_cross_heads=2, cross_dim_head=32),
-}
-
-flags.DEFINE_float("budget_s", 420, "suite: wall-clock seconds for the whole suite; rows that "
-                   "would start later are skipped, a row still running then is stopped.")
-flags.DEFINE_float("row_min_s", 20, "suite: do not start a row with fewer seconds than this left.")
-flags.DEFINE_string("suite_batches", "256,128", "suite: per-device batches to try, in order, "
-                    "the next one after running out of memory.")
-flags.DEFINE_string("suite_lengths", "77,323", "suite: CLIP caption lengths.")
-flags.DEFINE_integer("suite_records", 4096, "suite: 256-px JPEG records generated for the input "
-                     "and end-to-end rows.")
-flags.DEFINE_integer("suite_e2e_steps", 60, "suite: training steps of the end-to-end row.")
-flags.DEFINE_string("suite_workers", "auto", "suite: grain worker counts of the input row "
-                    "(auto: 1, 2, 4, ... up to the CPU cores).")
-flags.DEFINE_enum("suite_embed_arch", "auto", ["auto", "7b", "tiny"],
-                  "suite: NV-Embed-v2-architecture size of the embedding row (auto: 7b on a GPU, "
-                  "tiny elsewhere).")
-flags.DEFINE_integer("suite_captions", 0, "suite: captions the embedding row embeds "
-                     "(0: 8192 for the 7B model, 256 for the tiny one).")
-flags.DEFINE_string("suite_rows", None, "suite: run only the rows whose name matches this "
-                    "regular expression (e.g. 'CLIP' or 'input|e2e'); the others are listed as "
-                    "not selected.")
-flags.DEFINE_bool("fresh", False, "suite: measure every row again instead of keeping the rows "
-                  "that finished in an earlier run into the same --output.")
+# Sizes of the embedding row's NV-Embed-v2-architecture model: "7b" is embed.nvembed.NV_EMBED_V2
+# (the released checkpoint's, read in the child: this process does not import torch); "tiny" is
+# the same layout at a size a CPU runs in seconds.
+NVEMBED_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=32000,
+                    num_latents=16, latent_dim=64, num_cross_heads=2, cross_dim_head=32)
+_WRITE_NVEMBED = ("import json, sys\n"
+                  "from embed import nvembed\n"
+                  "sizes = json.loads(sys.argv[2]) or nvembed.NV_EMBED_V2\n"
+                  "nvembed.write_checkpoint(sys.argv[1], weights=False, **sizes)\n"
+                  "print(json.dumps(sizes))\n")
 
 
 @dataclasses.dataclass
@@ -655,6 +655,7 @@ def _write_captions(path: str, n: int) -> str:
   import numpy as np
 
   rng = np.random.default_rng(2)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     f.writelines(bench_caption(rng) + "\n" for _ in range(n))
   return path
@@ -896,11 +897,13 @@ class Suite:
   def run_embed(self, slug: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     import importlib.util
 
-    for module, why in (("torch", "PyTorch is not installed"),
-                        ("embed.nvembed", "embed/nvembed.py (write_checkpoint, random_init) is "
-                                          "not in this checkout")):
-      if importlib.util.find_spec(module) is None:
-        return None, {"status": f"not available: {why}"}
+    if importlib.util.find_spec("torch") is None:
+      return None, {"status": "not available: PyTorch is not installed"}
+    spec = importlib.util.find_spec("embed.nvembed")
+    if spec is None or not os.path.abspath(spec.origin).startswith(
+        os.path.join(REPO_ROOT, "embed") + os.sep):
+      return None, {"status": "not available: embed/nvembed.py (write_checkpoint, random_init) "
+                              "is not in this checkout"}
     arch = FLAGS.suite_embed_arch
     if arch == "auto":
       arch = "7b" if self.device.get("platform") == "gpu" else "tiny"
@@ -908,9 +911,8 @@ class Suite:
     texts = _write_captions(os.path.join(self.out, "data", f"captions-{n}.txt"), n)
     folder = os.path.join(self.out, "data", f"nvembed-{arch}")
     code, seconds_ckpt, log = self.child(f"{slug}_checkpoint", [
-        sys.executable, "-c", "import json, sys; from embed.nvembed import write_checkpoint; "
-        "write_checkpoint(sys.argv[1], weights=False, **json.loads(sys.argv[2]))", folder,
-        json.dumps(NVEMBED_ARCH[arch])], self.remaining())
+        sys.executable, "-c", _WRITE_NVEMBED, folder,
+        json.dumps(NVEMBED_TINY if arch == "tiny" else {})], self.remaining())
     if code != 0:
       return None, {"seconds": seconds_ckpt, "log": os.path.relpath(log, self.out),
                     "status": "failed" if code else "stopped: budget spent while it ran",
@@ -934,10 +936,14 @@ class Suite:
     from lift_jax.data import records
 
     summary = records.read_manifest(output).get("summary", {})
+    with open(os.path.join(self.out, "logs", f"{slug}_checkpoint.log"), encoding="utf-8") as f:
+      sizes = json.loads(f.read().strip().splitlines()[-1])
     return {"what": f"python -m embed.main, randomly initialised NV-Embed-v2 architecture "
-                    f"({arch}), {n} generated captions, max_length 77; rates exclude model "
-                    "loading", "arch": arch, **NVEMBED_ARCH[arch], "captions": n,
-            "wall_s": seconds, **summary}, {**status, "status": "ok"}
+                    f"({arch}), {n} generated captions, max_length 77, the checkpoint's small "
+                    "generated tokenizer (more tokens per word than the real one: tokens/s is the "
+                    "comparable rate); rates exclude model loading",
+            "arch": arch, **sizes, "captions": n, "wall_s": seconds, **summary}, \
+        {**status, "status": "ok"}
 
   # -- the loop -----------------------------------------------------------------------------------
   def run(self, plan: list[SuiteRow]) -> dict[str, Any]:
@@ -969,6 +975,12 @@ class Suite:
           self.rows.append(entry)
           self.write()
           raise
+        except Exception as e:  # noqa: BLE001 - preparing one row must not end the others
+          import traceback
+
+          traceback.print_exc()
+          result, status = None, {"status": "failed",
+                                  "error": f"in the suite: {type(e).__name__}: {e}"}
         entry.update(status)
         entry["result"] = result
       if entry.get("result") and not self.device and "device_kind" in entry["result"]:
