@@ -198,9 +198,8 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def step_batches() -> list[int | None]:
   """The per-device batches --mode=step tries, in order (None: the config's own)."""
-  if FLAGS.per_device_batches:
-    return [int(x) for x in FLAGS.per_device_batches.split(",") if x.strip()]
-  return [FLAGS.per_device_batch]
+  batches = [int(x) for x in (FLAGS.per_device_batches or "").split(",") if x.strip()]
+  return batches or [FLAGS.per_device_batch]
 
 
 def bench_step(config) -> dict[str, Any]:
