@@ -235,6 +235,8 @@ def test_suite_runs_each_row_in_its_own_process_within_the_budget(tmp_path):
   assert y["eval_s"] > 0 and y["startup_s"] > 0 and y["training_s"] > 0
   assert sorted(os.listdir(out / "e2e_workdir" / "checkpoints")) == ["3", "6"]
   assert y["workers"] == min(cores, 16)
+  assert y["input_only_img_per_s"] == [r["img_per_s"] for r in inp["rows"]
+                                       if r["workers"] == y["workers"]][0]
 
   embed = rows["embed"]
   if not os.path.exists(os.path.join(REPO, "embed", "nvembed.py")):

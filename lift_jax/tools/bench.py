@@ -891,6 +891,11 @@ class Suite:
     if best and result.get("steady_img_per_s"):
       result["step_only_img_per_s"] = best["img_per_s"]
       result["e2e_over_step"] = result["steady_img_per_s"] / best["img_per_s"]
+    for r in self.rows:  # the input row's rate with as many workers: can the host keep up?
+      if r["kind"] == "input" and r["status"] == "ok":
+        for w in r["result"]["rows"]:
+          if w["workers"] == workers:
+            result["input_only_img_per_s"] = w["img_per_s"]
     return result, {**status, "status": "ok"}
 
   def run_embed(self, slug: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
