@@ -14,8 +14,14 @@ import os
 import time
 from typing import Any, Mapping
 
-# Dense bf16 peak FLOP/s per device, for MFU. Matched against jax's device_kind, lower-cased.
+# Dense bf16 peak FLOP/s per device, for MFU. Matched against jax's device_kind, lower-cased; the
+# first match wins, so the slower PCIe / NVL boards come before their SXM siblings. H100 SXM:
+# 989.4 TFLOP/s dense (NVIDIA quotes 1979 with 2:4 sparsity); H200 is the same GH100 chip at the
+# same clocks with more memory, so the same peak.
 PEAK_FLOPS = {
+    "h100 pcie": 756e12,
+    "h100 nvl": 835e12,
+    "h200 nvl": 835e12,
     "h100": 989.4e12,
     "h200": 989.4e12,
     "a100": 312e12,
