@@ -898,11 +898,6 @@ class Suite:
 
     if importlib.util.find_spec("torch") is None:
       return None, {"status": "not available: PyTorch is not installed"}
-    spec = importlib.util.find_spec("embed.nvembed")
-    if spec is None or not os.path.abspath(spec.origin).startswith(
-        os.path.join(REPO_ROOT, "embed") + os.sep):
-      return None, {"status": "not available: embed/nvembed.py (write_checkpoint, random_init) "
-                              "is not in this checkout"}
     arch = FLAGS.suite_embed_arch
     if arch == "auto":
       arch = "7b" if self.device.get("platform") == "gpu" else "tiny"
