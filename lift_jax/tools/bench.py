@@ -590,7 +590,7 @@ def bench_caption(rng) -> str:
 def bench_jpeg_record(seed: int, index: int):
   """Record ``index`` of the generated input set: a 256x341 JPEG (quality 90) of smooth colour
   fields plus noise, about the size and decode cost of a pre-resized web photo, and a caption.
-  A ``convert.build_shards`` worker (module level, so it pickles)."""
+  A ``shards.build_shards`` worker (module level, so it pickles)."""
   import io
 
   import numpy as np
@@ -615,18 +615,18 @@ def suite_data(folder: str, records_n: int, dim: int, eval_n: int = 256) -> dict
 
   import numpy as np
 
-  from lift_jax.data import convert, records
+  from lift_jax.data import records, shards
 
   out = {"images": os.path.join(folder, "images"), "embeddings": os.path.join(folder, "embeddings"),
          "eval_images": os.path.join(folder, "eval_images"), "bank": os.path.join(folder, "bank"),
          "captions": os.path.join(folder, "captions.txt")}
   cores = os.cpu_count() or 1
-  shards = max(1, min(16, records_n // 256))
-  for part, seed, n, k in (("images", 0, records_n, shards), ("eval_images", 1, eval_n, 1)):
-    convert.build_shards(out[part], convert.split_even(range(n), k),
-                         functools.partial(bench_jpeg_record, seed),
-                         identity={"bench_jpeg": 1, "seed": seed, "records": n, "shards": k},
-                         workers=min(cores, 16), progress=False, desc=part, log=print)
+  num_shards = max(1, min(16, records_n // 256))
+  for part, seed, n, k in (("images", 0, records_n, num_shards), ("eval_images", 1, eval_n, 1)):
+    shards.build_shards(out[part], shards.split_even(range(n), k),
+                        functools.partial(bench_jpeg_record, seed),
+                        identity={"bench_jpeg": 1, "seed": seed, "records": n, "shards": k},
+                        workers=min(cores, 16), progress=False, desc=part, log=print)
   manifest = os.path.join(out["embeddings"], records.MANIFEST)
   if not (os.path.exists(manifest) and records.read_manifest(out["embeddings"]).get("dim") == dim):
     _fake_embeddings(out["images"], dim, out["embeddings"])
