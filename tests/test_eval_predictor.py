@@ -170,7 +170,7 @@ def test_text_bank_errors(lift_model, mesh8, tmp_path):
 
 
 def test_clip_texts_equal_direct_forward_and_shard_evenly(minilm_path, mesh8, mesh1):
-  from lift_jax.models.text import get_tokenizer
+  from lift_jax.data.tokenizer import get_tokenizer
 
   model = tiny_model("clip", 0)
   texts = [f"a photo of {n} {w}" for n in range(7) for w in ("cats", "a red car", "")][:19]
