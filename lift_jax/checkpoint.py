@@ -68,7 +68,10 @@ def manager(directory: str, *, keep: int | None = 3, keep_period: int | None = N
   policy = ocp.checkpoint_managers.AnyPreservationPolicy(policies) if policies else None
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=async_save, preservation_policy=policy, create=not read_only,
-      read_only=read_only)
+      read_only=read_only,
+      # The step folder is made before save() returns: a folder that cannot be written fails
+      # there, at once, instead of after orbax's 300 s wait for a background thread's signal.
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   return ocp.CheckpointManager(epath.Path(directory), options=options,
                                item_handlers=_handlers(with_data))
 

@@ -32,8 +32,9 @@ class Table:
   def add(self, check: str, status: str, detail: str) -> None:
     self.rows.append((check, status, detail))
 
-  def run(self, check: str, fn: Callable[[], str | tuple[str, str]]) -> Any:
-    """Runs ``fn`` (returns a detail, or (status, detail)); a user error becomes a FAIL row."""
+  def run(self, check: str, fn: Callable[[], Any]) -> Any:
+    """Runs ``fn``, which returns a detail or (status, detail[, value]), and returns that (None
+    when ``fn`` raised a user error, which becomes a FAIL row)."""
     try:
       out = fn()
     except Exception as e:  # noqa: BLE001 - only user errors become rows
@@ -42,7 +43,7 @@ class Table:
         raise
       self.add(check, FAIL, message)
       return None
-    status, detail = out if isinstance(out, tuple) else (OK, out)
+    status, detail = out[:2] if isinstance(out, tuple) else (OK, out)
     self.add(check, status, detail)
     return out
 
@@ -84,10 +85,7 @@ def check(config, workdir: str, full: bool = False, threads: int | None = None) 
   if prepared_later:
     t.add("data", WARN, f"data.prepare={data.prepare!r} builds the data: run with "
           "--prepare_only first to check it")
-  elif t.run("data paths", lambda: (pipeline.require_paths(config),
-                                    f"images {data.images}" + (
-                                        f", embeddings {data.embeddings}"
-                                        if model.mode == "lift" else ""))[1]) is not None:
+  elif t.run("data paths", lambda: _paths(config)) is not None:
     shards = t.run("image manifest", lambda: _image_summary(data.images))
     if model.mode == "lift":
       warnings: list[str] = []
@@ -101,13 +99,20 @@ def check(config, workdir: str, full: bool = False, threads: int | None = None) 
         t.run("embedding SHA-256", lambda: _hash_all(
             data.embeddings, records.read_manifest(data.embeddings), threads))
     if shards:
-      n = shards[1]
+      n = shards[2]
       samples = int(config.total_steps) * int(config.batch_size)
       t.add("schedule", OK, f"{config.total_steps} steps x {config.batch_size} = {samples:,} "
             f"samples, {samples / max(n, 1):.2f} epochs of {n:,} records" + _eta(config, workdir))
   _check_evals(config, t)
   t.run("workdir", lambda: _workdir(config, workdir))
   return t
+
+
+def _paths(config) -> str:
+  pipeline.require_paths(config)
+  lift = config.model.mode == "lift"
+  return f"images {config.data.images}" + (f", embeddings {config.data.embeddings}" if lift
+                                           else "")
 
 
 def _image_summary(folder: str):
@@ -147,9 +152,11 @@ def _check_evals(config, t: Table) -> None:
   if dropped:
     t.add("eval paths", WARN, f"{', '.join(dropped)} skipped: relative paths and no "
           "--config.evals.data_root")
-  specs = t.run("eval config", lambda: (OK, f"{len(benchmarks.parse_all(resolved.evals.benchmarks))}"
-                                        " benchmarks", benchmarks.parse_all(
-                                            resolved.evals.benchmarks)))
+  def parse():
+    specs = benchmarks.parse_all(resolved.evals.benchmarks)
+    return OK, f"{len(specs)} benchmarks: {', '.join(s.name for s in specs) or '-'}", specs
+
+  specs = t.run("eval config", parse)
   if not specs:
     return
   texts: list[str] = []
