@@ -316,3 +316,42 @@ def test_metrics_of_steps_after_the_last_checkpoint_are_not_repeated(tmp_path):
   w.close()
   rows = metrics.read_jsonl(str(path))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["loss"] == 60.0
+
+
+@pytest.mark.slow
+def test_start_up_at_40000_shards(tmp_path, monkeypatch):
+  """Start-up at DataComp's shard count: manifests only, no shard opened on the main process."""
+  from array_record.python import array_record_module
+
+  n = 40_000
+  rng = np.random.default_rng(0)
+  image = fakedata.png(rng)
+  img, emb = tmp_path / "images", tmp_path / "embeddings"
+  img.mkdir()
+  emb.mkdir()
+  img_entries, emb_entries = [], []
+  for i in range(n):
+    key = f"{i:06d}"
+    img_entries.append(records.write_shard(str(img / records.shard_name("images", i, n)),
+                                           [records.image_record(key, image, "a caption")]))
+    e = records.write_shard(str(emb / records.shard_name("embeddings", i, n)),
+                            [records.embedding_record(key, np.ones(16, np.float32))])
+    emb_entries.append({**e, "image_sha256": img_entries[-1]["sha256"]})
+  records.write_manifest(str(img), {"kind": "images", "shards": img_entries})
+  records.write_manifest(str(emb), {"kind": "embeddings", "dim": 16, "shards": emb_entries})
+  opened = []
+  real = array_record_module.ArrayRecordReader
+  monkeypatch.setattr(array_record_module, "ArrayRecordReader",
+                      lambda path, *a, **kw: opened.append(path) or real(path, *a, **kw))
+  t0 = time.perf_counter()
+  ds = pipeline.train_dataset(fakedata.tiny_config(str(img), str(emb)))
+  start_up = time.perf_counter() - t0
+  batch = next(iter(ds))
+  print(f"start-up over {n:,} image + {n:,} embedding shards: {start_up:.2f} s "
+        f"(first batch after {time.perf_counter() - t0:.2f} s, {len(opened)} shards opened)")
+  assert batch["valid"].all() and len(opened) <= 2 * 16  # only the first batch's records
+  assert start_up < 60
+  t0 = time.perf_counter()  # what start-up did before: count every shard by opening it (twice)
+  paths = records.list_shards(str(img), "images") + records.list_shards(str(emb), "embeddings")
+  assert sum(records.count_records(p) for p in paths) == 2 * n
+  print(f"opening each of the {2 * n:,} shards once: {time.perf_counter() - t0:.2f} s")

@@ -1,5 +1,5 @@
 """The trainer: learning, 1 device == 8 devices (data and FSDP), exact resume after kill -9,
-SIGTERM, non-finite stop, config refusal, bad records, two real processes == one."""
+SIGTERM and Ctrl-C, non-finite stop, config refusal, bad records, two real processes == one."""
 
 import json
 import os
@@ -169,11 +169,15 @@ def test_kill_9_and_resume_is_bitwise_identical(data, tmp_path):
   assert step_a == step_b == 40
   assert bitwise_equal(a, b)
   ref_loss = {r["step"]: r["loss"] for r in read_jsonl(str(tmp_path / "ref" / "metrics.jsonl"))}
-  for row in read_jsonl(metrics):  # every logged step (before and after the kill) matches
+  rows = read_jsonl(metrics)
+  assert [r["step"] for r in rows] == list(range(1, 41))  # no step logged twice
+  for row in rows:  # every logged step (before and after the kill) matches
     assert row["loss"] == ref_loss[row["step"]]
 
 
-def test_sigterm_saves_a_restorable_checkpoint(data, tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["sigterm", "ctrl-c"])
+def test_signal_saves_a_restorable_checkpoint(data, tmp_path, signum, code):
   body = f"fakedata.tiny_config({data[0]!r}, {data[1]!r}, steps=400)"
   cfg = config_file(tmp_path, "cfg", body + "; c.checkpoint_every_steps = 1000")
   w = str(tmp_path / "w")
@@ -182,10 +186,10 @@ def test_sigterm_saves_a_restorable_checkpoint(data, tmp_path):
   while not (os.path.exists(metrics) and len(read_jsonl(metrics)) >= 5):
     assert p.poll() is None, p.stdout.read()
     time.sleep(0.05)
-  p.send_signal(signal.SIGTERM)
+  p.send_signal(signum)
   out = p.communicate(timeout=120)[0]
-  assert p.returncode == 143, out  # 128 + SIGTERM: a preempted run is not a finished one
-  assert "SIGTERM received: saving a checkpoint" in out
+  assert p.returncode == code, out  # 128 + signal: a preempted run is not a finished one
+  assert f"{signal.Signals(signum).name} received: saving a checkpoint" in out
   params, step = final_params(w)
   assert 5 <= step < 400
   assert len(read_jsonl(metrics)) == step  # it stopped right after saving
