@@ -20,6 +20,7 @@ takes the parameters and starts a fresh optimizer.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -212,6 +213,7 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
                         state)
   if not os.path.isdir(os.path.join(step_dir, TRAIN)):
     params, _ = restore_params(step_dir, target["params"])
+    logging.info("initialised parameters from %s; optimizer and data start fresh", step_dir)
     return dict(state, params=params)
   restored = mngr.restore(step, args=ocp.args.Composite(**{
       PARAMS: ocp.args.StandardRestore(target["params"]),
