@@ -75,13 +75,12 @@ def one_line_error(proc, command):
 # 1. nothing usable
 
 
-def test_nothing_usable_stops_before_any_checkpoint(tmp_path, caplog):
+def test_nothing_usable_stops_before_any_checkpoint(tmp_path):
   img, emb = fakedata.write_dataset(str(tmp_path / "d"), n=32, shards=2, dim=16,
                                     bad_images=set(range(32)))
   c = fakedata.tiny_config(img, emb, steps=6)
   c.log_every_steps, c.checkpoint_every_steps = 1, 2
   w = tmp_path / "w"
-  caplog.set_level("INFO")
   with pytest.raises(train.TrainingError, match=r"16 of the 16 training examples .* unusable "
                      r"\(100%.*max_skipped_fraction=0.5.*data_report.json"):
     train.train_and_evaluate(c, str(w))

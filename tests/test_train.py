@@ -228,18 +228,28 @@ def test_workdir_refuses_a_different_model(data, tmp_path):
   assert final_params(w)[1] == 4
 
 
-def test_bad_records_are_skipped_counted_and_limited(tmp_path):
+def test_bad_records_are_skipped_counted_and_limited(tmp_path, caplog):
   img, emb = fakedata.write_dataset(str(tmp_path / "d"), n=32, shards=2, dim=16,
                                     bad_images={3, 20}, nan_embeddings={7}, flagged={9})
   c = fakedata.tiny_config(img, emb, steps=2)  # 2 steps x 16 = one pass over the 32 examples
+  caplog.set_level("INFO")
   train.train_and_evaluate(c, str(tmp_path / "w"))
   rows = read_jsonl(str(tmp_path / "w" / "metrics.jsonl"))
   assert rows[-1]["skipped"] == 4
   assert sum(r["skipped_in_batch"] for r in rows) == 4
+  by_reason = {"bad_image": 2, "nan_embedding": 1, "flagged_embedding": 1}
+  assert {k[len("skipped/"):]: v for k, v in rows[-1].items()
+          if k.startswith("skipped/")} == by_reason
+  assert any(r.getMessage().startswith("step 2/2 ") and r.getMessage().endswith(
+      "skipped 4 (bad_image 2, nan_embedding 1, flagged_embedding 1)") for r in caplog.records)
+  report = json.loads((tmp_path / "w" / "data_report.json").read_text())
+  assert report["examples"] == 32 and report["usable"] == 28
+  assert report["skipped_by_reason"] == by_reason and report["stopped"] is None
   assert all(np.isfinite(r["loss"]) for r in rows)
   c = fakedata.tiny_config(img, emb, steps=4)
   c.data.max_skipped = 5
-  with pytest.raises(train.TrainingError, match="more than config.data.max_skipped=5"):
+  with pytest.raises(train.TrainingError, match="more than config.data.max_skipped=5.*"
+                     "data_report.json"):
     train.train_and_evaluate(c, str(tmp_path / "w2"))
 
 
