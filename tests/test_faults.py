@@ -152,6 +152,20 @@ def test_start_up_opens_no_shard(data, monkeypatch):
   assert counts == [records.count_records(p) for p in records.list_shards(data[0], "images")]
 
 
+def test_folder_without_manifest_is_counted_by_opening_with_a_warning(data, tmp_path):
+  img, emb = copy_data(data, str(tmp_path))
+  os.remove(os.path.join(img, "manifest.json"))
+  warnings = []
+  assert records.check_aligned(img, emb, warn=warnings.append) == [16, 16]
+  assert "has no manifest.json: counting records by opening its 2 shards" in warnings[0]
+  manifest = records.read_manifest(emb)
+  manifest["shards"] = manifest["shards"][:1]  # a manifest of another run
+  records.write_manifest(emb, manifest)
+  with pytest.raises(records.RecordError, match=r"embeddings/manifest.json does not list 1 of "
+                     r"the 2 shards .*embeddings-00001-of-00002.array_record"):
+    records.check_aligned(img, emb)
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. damaged shard; 10. preflight
 

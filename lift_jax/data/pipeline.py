@@ -286,7 +286,7 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
     image_files = records.list_shards(data.images, records.IMAGES)
     embedding_files = records.list_shards(data.embeddings, records.EMBEDDINGS)
   else:
-    image_files, counts, _ = records.shard_counts(data.images, records.IMAGES)
+    image_files, counts, _ = records.shard_counts(data.images, records.IMAGES, warn)
   source = PairedSource(image_files, embedding_files, counts)
   if len(source) == 0:
     raise PipelineError(f"{data.images} holds no records")

@@ -324,14 +324,21 @@ def code_version() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def shard_counts(folder: str, prefix: str) -> tuple[list[str], list[int], dict[str, Any]]:
+def shard_counts(folder: str, prefix: str, warn=None
+                 ) -> tuple[list[str], list[int], dict[str, Any]]:
   """(shard paths, record counts, manifest) of a folder, counts read from its manifest.
 
   Opens no shard: at 40,000 shards on network storage, opening each one costs minutes. A shard
-  on disk that the manifest does not list (or the reverse) is an error naming it; an entry
-  without a ``count`` (a hand-made manifest) falls back to opening that shard.
+  on disk that the manifest does not list is an error naming it. A folder without a manifest
+  (shards written by hand) or an entry without a ``count`` falls back to opening those shards,
+  said once through ``warn``.
   """
   paths = list_shards(folder, prefix)
+  if not os.path.exists(os.path.join(folder, MANIFEST)):
+    if warn is not None:
+      warn(f"{folder} has no {MANIFEST}: counting records by opening its {len(paths)} shards "
+           "(slow on network storage; the converter writes the manifest)")
+    return paths, [count_records(p) for p in paths], {"shards": []}
   manifest = read_manifest(folder)
   entries = {e.get("file"): e for e in manifest["shards"] if isinstance(e, dict)}
   names = [os.path.basename(p) for p in paths]
@@ -358,8 +365,8 @@ def check_aligned(image_folder: str, embedding_folder: str, check_keys: bool = F
   message) and accepted. Returns the per-shard record counts. ``check_keys`` also reads every
   key of both sides and compares them (slow: it opens every shard).
   """
-  images, image_counts, image_manifest = shard_counts(image_folder, IMAGES)
-  embeddings, emb_counts, emb_manifest = shard_counts(embedding_folder, EMBEDDINGS)
+  images, image_counts, image_manifest = shard_counts(image_folder, IMAGES, warn)
+  embeddings, emb_counts, emb_manifest = shard_counts(embedding_folder, EMBEDDINGS, warn)
   if len(images) != len(embeddings):
     raise RecordError(
         f"{embedding_folder} has {len(embeddings)} embedding shards but {image_folder} has "
@@ -370,7 +377,7 @@ def check_aligned(image_folder: str, embedding_folder: str, check_keys: bool = F
   for img, emb, ni, ne in zip(images, embeddings, image_counts, emb_counts):
     if ni != ne:
       raise RecordError(f"{emb} holds {ne} records but its image shard {img} holds {ni}")
-    recorded = emb_entries[os.path.basename(emb)].get("image_sha256")
+    recorded = emb_entries.get(os.path.basename(emb), {}).get("image_sha256")
     current = image_sha.get(os.path.basename(img))
     if recorded is None:
       unrecorded += 1
