@@ -213,14 +213,9 @@ def test_check_table_and_full_hashing(data, tmp_path):
 # 7. evaluation faults
 
 
-def test_undecodable_eval_image_is_a_counted_miss_and_skip_missing_needs_no_skipped_texts(
-    tmp_path):
-  from eval.evaluators import EvalRunner
-  from eval.texts import required_texts
-  from eval_fixtures import config, lift_model_config, tiny_model, write_bank
-  from lift_jax import config_lib
-
-  images = tmp_path / "images"
+def retrieval_set(root) -> dict:
+  """Six captioned images: 2.png is not decodable, 5.png is missing."""
+  images = root / "images"
   images.mkdir()
   rng = np.random.default_rng(0)
   rows = ["filename\tcaption_index\tcaption"]
@@ -228,11 +223,47 @@ def test_undecodable_eval_image_is_a_counted_miss_and_skip_missing_needs_no_skip
     rows.append(f"{i}.png\t0\tcaption of image {i}")
     if i == 2:
       (images / f"{i}.png").write_bytes(b"\x89PNG not really")
-    elif i != 5:  # 5.png is missing altogether
+    elif i != 5:
       Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(images / f"{i}.png")
-  (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
-  bench = {"type": "retrieval", "captions": str(tmp_path / "captions.tsv"),
-           "image_dir": str(images), "protocol": "standard", "ks": (1,)}
+  (root / "captions.tsv").write_text("\n".join(rows) + "\n")
+  return {"type": "retrieval", "captions": str(root / "captions.tsv"), "image_dir": str(images),
+          "protocol": "standard", "ks": (1,)}
+
+
+def test_check_eval_rows_bank_coverage_and_settings(data, tmp_path):
+  from eval_fixtures import write_bank
+
+  c = fakedata.tiny_config(*data)
+  c.evals.benchmarks = {"r": retrieval_set(tmp_path)}
+  c.evals.text_bank = str(tmp_path / "bank")
+  write_bank(c.evals.text_bank, [f"caption of image {i}" for i in range(5)])
+  rows = {r[0]: r for r in preflight.check(c, str(tmp_path / "w")).rows}
+  assert rows["eval r"][1] == "FAIL" and "1 of 6 images are missing" in rows["eval r"][2]
+  c.evals.skip_missing = True
+  table = preflight.check(c, str(tmp_path / "w"))
+  rows = {r[0]: r for r in table.rows}
+  assert not table.failed, table.format()
+  assert rows["text bank"][1:] == ("OK", f"5 texts, all in {c.evals.text_bank}")
+  manifest = records.read_manifest(c.evals.text_bank)
+  records.write_manifest(c.evals.text_bank, {**manifest, "pooling": "last"})
+  train_manifest = records.read_manifest(data[1])
+  records.write_manifest(data[1], {**train_manifest, "pooling": "mean"})
+  try:
+    rows = {r[0]: r for r in preflight.check(c, str(tmp_path / "w")).rows}
+  finally:
+    records.write_manifest(data[1], train_manifest)
+  assert rows["text bank"][1] == "FAIL"
+  assert "pooling: bank 'last', training 'mean'" in rows["text bank"][2]
+
+
+def test_undecodable_eval_image_is_a_counted_miss_and_skip_missing_needs_no_skipped_texts(
+    tmp_path):
+  from eval.evaluators import EvalRunner
+  from eval.texts import required_texts
+  from eval_fixtures import config, lift_model_config, tiny_model, write_bank
+  from lift_jax import config_lib
+
+  bench = retrieval_set(tmp_path)
   cfg = config(lift_model_config(), {"r": bench}, text_bank=str(tmp_path / "bank"))
   cfg.evals.skip_missing = False
   texts = [t for t in required_texts(cfg.evals) if t != "caption of image 5"]
