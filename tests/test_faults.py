@@ -75,18 +75,20 @@ def one_line_error(proc, command):
 # 1. nothing usable
 
 
-def test_nothing_usable_stops_before_any_checkpoint(tmp_path):
+@pytest.mark.parametrize("log_every,stop", [(1, 1), (100, 2)], ids=["at-log", "at-save"])
+def test_nothing_usable_stops_before_any_checkpoint(tmp_path, log_every, stop):
   img, emb = fakedata.write_dataset(str(tmp_path / "d"), n=32, shards=2, dim=16,
                                     bad_images=set(range(32)))
   c = fakedata.tiny_config(img, emb, steps=6)
-  c.log_every_steps, c.checkpoint_every_steps = 1, 2
+  c.log_every_steps, c.checkpoint_every_steps = log_every, 2
   w = tmp_path / "w"
-  with pytest.raises(train.TrainingError, match=r"16 of the 16 training examples .* unusable "
+  n = 16 * stop
+  with pytest.raises(train.TrainingError, match=rf"{n} of the {n} training examples .* unusable "
                      r"\(100%.*max_skipped_fraction=0.5.*data_report.json"):
     train.train_and_evaluate(c, str(w))
   report = json.loads((w / "data_report.json").read_text())
-  assert report["step"] == 1 and report["examples"] == 16 and report["usable"] == 0
-  assert report["skipped_by_reason"] == {"bad_image": 16}
+  assert report["step"] == stop and report["examples"] == n and report["usable"] == 0
+  assert report["skipped_by_reason"] == {"bad_image": n}
   assert not any(d.isdigit() for d in os.listdir(w / "checkpoints"))  # nothing saved
 
 
@@ -244,6 +246,14 @@ def test_check_eval_rows_bank_coverage_and_settings(data, tmp_path):
   rows = {r[0]: r for r in table.rows}
   assert not table.failed, table.format()
   assert rows["text bank"][1:] == ("OK", f"5 texts, all in {c.evals.text_bank}")
+  shutil.rmtree(c.evals.text_bank)
+  write_bank(c.evals.text_bank, [f"caption of image {i}" for i in range(1, 5)])
+  rows = {r[0]: r for r in preflight.check(c, str(tmp_path / "w")).rows}
+  assert rows["text bank"][1] == "FAIL"
+  assert "1 of 5 texts missing from" in rows["text bank"][2] and "'caption of image 0'" in \
+      rows["text bank"][2]
+  shutil.rmtree(c.evals.text_bank)
+  write_bank(c.evals.text_bank, [f"caption of image {i}" for i in range(5)])
   manifest = records.read_manifest(c.evals.text_bank)
   records.write_manifest(c.evals.text_bank, {**manifest, "pooling": "last"})
   train_manifest = records.read_manifest(data[1])
