@@ -258,7 +258,7 @@ def check_embeddings(image_dir: str, embedding_dir: str, embed_dim: int,
 def require_paths(config) -> None:
   """Names the missing data setting and the command that makes the data."""
   data = config.data
-  prepared = "" if not data.get("prepare") else (
+  prepared = "" if data.get("prepare") in (None, "", "None", "none") else (
       f" (data.prepare={data.prepare!r} builds it: python -m lift_jax.main --config=... "
       "--workdir=... --prepare_only, or run without --prepare_only)")
   if not data.get("images"):
