@@ -291,6 +291,20 @@ def test_undecodable_eval_image_is_a_counted_miss_and_skip_missing_needs_no_skip
   emb = runner.predictor.embed_images(runner.evaluators[0].images)
   assert np.isnan(emb[2]).all() and np.isfinite(np.delete(emb, 2, axis=0)).all()
   assert out["r/i2t_r1"] <= 4 / 5 and out["r/t2i_r1"] <= 4 / 5
+  # During training a benchmark that fails is reported and the others still run.
+  from eval.benchmarks import BenchmarkConfigError
+
+  class Broken:
+    name = "broken"
+
+    def run(self, predictor):
+      raise BenchmarkConfigError("benchmark 'broken': its labels file vanished")
+
+  runner.evaluators.insert(0, Broken())
+  out = runner.run(keep_going=True)
+  assert out["broken/failed"] == 1 and out["r/num_images"] == 5
+  with pytest.raises(BenchmarkConfigError, match="labels file vanished"):
+    runner.run()  # eval.main: the error, as one line
 
 
 # ------------------------------------------------------------------------------------------------
