@@ -78,9 +78,10 @@ def flags_parser(command: str, aliases: dict[str, str] | None = None):
       if not isinstance(e, flags.Error):  # ml_collections: a --config.KEY that does not exist
         overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
         named = [o for o in overrides if message in o[len("--config."):].split(".")]
-        where = named[0] if named else "a --config.KEY override"
-        message = (f"{where}: no such config key ({message!r}); the fields of every config are "
-                   "listed in the README's configuration reference")
+        if not named:  # e.g. a config file that raises: its traceback is what helps
+          raise
+        message = (f"{named[0]}: no such config key ({message!r}); the fields of every config "
+                   "are listed in the README's configuration reference")
       print(f"{command}: error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)
 
