@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -188,9 +189,12 @@ class _save_errors:  # pylint: disable=invalid-name
       if isinstance(cause, OSError):
         break
       cause = cause.__cause__ or cause.__context__
+    code = re.search(r"os_error_code='(\d+)'", str(e))  # tensorstore's wording of an OSError
     if isinstance(cause, OSError):
       what = cause.strerror or str(cause)
       where = cause.filename or self.directory
+    elif code:
+      what, where = os.strerror(int(code[1])), self.directory
     else:
       what, where = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", \
           self.directory

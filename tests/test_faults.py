@@ -346,6 +346,39 @@ def test_failed_save_stops_in_seconds_and_keeps_the_last_checkpoint(data, tmp_pa
   ckpt.restore_params(str(w))  # still readable
 
 
+def test_full_disk_during_a_background_save_is_one_error_in_seconds(tmp_path):
+  import jax
+
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
+
+  class Position:  # the data iterator's part of a step
+    def get_state(self):
+      return b"{}"
+
+  def state(n):
+    return {"params": {"w": jax.random.normal(jax.random.PRNGKey(0), (n,))},
+            "step": jax.numpy.zeros((), "int32")}
+
+  try:
+    mngr = ckpt.manager(str(disk / "checkpoints"), async_save=True)
+    ckpt.save_state(mngr, 1, state(1000), Position(), {"model": {}})
+    ckpt.wait_for_saves(mngr)
+    t0 = time.time()
+    with pytest.raises(ckpt.CheckpointError, match=r"could not save a checkpoint in "
+                       r".*/disk/checkpoints \(No space left on device: .*\); the run stops"):
+      ckpt.save_state(mngr, 2, state(200_000), Position(), {"model": {}})  # 800 kB > 300 kB
+      ckpt.wait_for_saves(mngr)
+    assert time.time() - t0 < 30
+    mngr.close()
+    assert ckpt.resolve(str(disk)) == (str(disk / "checkpoints"), 1)
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # 9. one-line errors
 
