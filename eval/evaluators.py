@@ -118,6 +118,10 @@ class SugarCrepeEvaluator:
   def texts(self) -> list[str]:
     return self.spec.texts()
 
+  def scored_texts(self) -> list[str]:
+    """The texts :meth:`run` looks up: without those of skipped (missing) images."""
+    return self._texts
+
   def run(self, predictor: Predictor) -> dict[str, float]:
     image_emb = predictor.embed_images(self.images)
     text_emb = predictor.embed_texts(self._texts)
@@ -276,6 +280,10 @@ class RetrievalEvaluator:
   def texts(self) -> list[str]:
     return self.spec.texts()
 
+  def scored_texts(self) -> list[str]:
+    """The texts :meth:`run` looks up: without those of skipped (missing) images."""
+    return self._texts
+
   def run(self, predictor: Predictor) -> dict[str, float]:
     if self.spec.captions:
       image_emb = predictor.embed_images(self.images)
@@ -399,23 +407,59 @@ class EvalRunner:
         workers=int(ev.get("workers") or 8))
     if model.mode == "lift":
       check_bank_encoder(config)
-    # LIFT: a text missing from the bank is found now, before any training step.
-    self.predictor.check_texts(T.unique(t for e in self.evaluators for t in e.texts()))
+    # LIFT: a text missing from the bank is found now, before any training step. Texts of
+    # records skipped for missing images (skip_missing) are not asked for.
+    self.predictor.check_texts(T.unique(
+        t for e in self.evaluators
+        for t in (e.scored_texts() if hasattr(e, "scored_texts") else e.texts())))
     self.timings: dict[str, float] = {}
 
-  def run(self, params=None) -> dict[str, float]:
+  def run(self, params=None, keep_going: bool = False) -> dict[str, float]:
     """{"<benchmark>/<metric>": value}; ``params`` (the model's pure dict) replaces the
-    current parameters first. Seconds per benchmark are left in ``self.timings``."""
+    current parameters first. Seconds per benchmark are left in ``self.timings``.
+
+    Images that cannot be decoded are scored as misses and counted as
+    ``<benchmark>/unusable_images``. ``keep_going`` (the trainer's): a benchmark that fails is
+    logged with its error and reported as ``<benchmark>/failed`` = 1; the others still run.
+    """
     if params is not None:
       self.predictor.set_params(params)
     results: dict[str, float] = {}
     try:
       for evaluator in self.evaluators:
         t0 = time.perf_counter()
-        results.update(evaluator.run(self.predictor))
+        before = self.predictor.unusable_images
+        try:
+          results.update(evaluator.run(self.predictor))
+        except Exception as e:  # noqa: BLE001 - a training run outlives any one evaluation
+          if not keep_going:
+            raise
+          logger.error("eval %s failed, the run goes on: %s", evaluator.name,
+                       cli.describe(e) or f"{type(e).__name__}: {e}")
+          results[f"{evaluator.name}/failed"] = 1.0
+        unusable = self.predictor.unusable_images - before
+        if unusable:
+          results[f"{evaluator.name}/unusable_images"] = float(unusable)
+          logger.warning("eval %s: %d images could not be decoded and were scored as misses",
+                         evaluator.name, unusable)
         self.timings[evaluator.name] = time.perf_counter() - t0
         logger.info("eval %s: %.1f s", evaluator.name, self.timings[evaluator.name])
     finally:
       self.predictor.clear_cache()  # image embeddings belong to these parameters only
     return {k: float(v) for k, v in results.items()}
+
+
+def training_runner(config, model, mesh) -> EvalRunner | None:
+  """The runner a training run evaluates with, or None when ``config.evals`` names no
+  benchmark. Benchmarks whose paths are relative while ``evals.data_root`` is unset are left
+  out with a warning: a run whose evaluation data was not given still trains."""
+  from lift_jax import config_lib
+
+  config, dropped = config_lib.resolve_eval_paths(config)
+  if dropped:
+    logger.warning("evaluation of %s skipped: their paths are relative and "
+                   "--config.evals.data_root is not set", ", ".join(dropped))
+  if not config.evals.get("benchmarks"):
+    return None
+  return EvalRunner(config, model, mesh)
 

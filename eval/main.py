@@ -11,6 +11,10 @@ stored with the checkpoint. ``--only=a,b`` runs a subset. Metrics go to ``--outp
 ``<workdir>/eval/metrics-<step>.json``: fractions in [0, 1], with the seconds each benchmark took
 and each benchmark's settings (protocol included).
 
+Images missing from a benchmark's folder are an error unless ``--skip_missing`` (or
+``--config.evals.skip_missing=True``); an image that is present but cannot be decoded is scored as
+a miss and counted as ``<benchmark>/unusable_images``. Errors print as one line (exit status 1).
+
 ``--write_texts=FILE`` writes every text the configured benchmarks score, one per line, and
 exits: the input of ``python -m embed.main --config.texts=FILE`` that makes a LIFT text bank.
 """
@@ -20,11 +24,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lift_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file whose `evals` to run (default: the checkpoint's).",
@@ -36,6 +41,10 @@ _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype override, e.g. float3
 _ONLY = flags.DEFINE_list("only", None, "Run only these benchmarks (names in the config).")
 _WRITE_TEXTS = flags.DEFINE_string("write_texts", None,
                                    "Write the texts the benchmarks score to this file and exit.")
+_SKIP_MISSING = flags.DEFINE_bool(
+    "skip_missing", False, "Score every benchmark without the images missing from its folder "
+    "(counted as skipped_images), as --config.evals.skip_missing=True does.")
+COMMAND = "python -m eval.main"
 
 
 def resolved(config):
@@ -135,33 +144,32 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
   return report
 
 
-def main(argv):
+def run(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from eval.benchmarks import BenchmarkConfigError
-  from eval.evaluators import MissingImagesError
-  from eval.predictor import ImageLoadError, TextBankError
-  from lift_jax.checkpoint import CheckpointError
-
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   config = _CONFIG.value
-  try:
-    if _WRITE_TEXTS.value:
-      if config is None:
-        raise app.UsageError("--write_texts needs --config")
-      n = write_texts(config, _WRITE_TEXTS.value)
-      print(f"wrote {n} texts to {_WRITE_TEXTS.value}")
-      return
-    path = _CHECKPOINT.value or _WORKDIR.value
-    if not path:
-      raise app.UsageError("give --checkpoint=PATH or --workdir=DIR")
-    evaluate(path, config, output=_OUTPUT.value, dtype=_DTYPE.value, only=_ONLY.value)
-  except (CheckpointError, TextBankError, BenchmarkConfigError, MissingImagesError,
-          ImageLoadError) as e:
-    print(f"eval.main: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if _WRITE_TEXTS.value:
+    if config is None:
+      raise app.UsageError("--write_texts needs --config")
+    n = write_texts(config, _WRITE_TEXTS.value)
+    print(f"wrote {n} texts to {_WRITE_TEXTS.value}")
+    return
+  path = _CHECKPOINT.value or _WORKDIR.value
+  if not path:
+    raise app.UsageError("give --checkpoint=PATH or --workdir=DIR")
+  if _SKIP_MISSING.value:
+    from lift_jax import checkpoint as ckpt
+
+    config = config if config is not None else ckpt.read_config(path)
+    config.evals.skip_missing = True
+  evaluate(path, config, output=_OUTPUT.value, dtype=_DTYPE.value, only=_ONLY.value)
+
+
+def main(argv) -> int:
+  return cli.run(COMMAND, run, argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(COMMAND))

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -30,6 +32,8 @@ from PIL import Image
 from lift_jax import cli
 from lift_jax import sharding as shd
 from lift_jax.data import records, transforms
+
+logger = logging.getLogger(__name__)
 
 BANK_HELP = (
     "Create the bank from the texts the benchmarks score: write them with "
@@ -173,6 +177,8 @@ class Predictor:
     self._replicated = shd.replicated(self.mesh)
     self._rows = _local_rows(self._batch_sharding, self.batch_size)
     self._image_cache: dict[str, np.ndarray] = {}
+    # Images that could not be read or decoded, embedded as NaN rows (every process agrees).
+    self.unusable_images = 0
 
     graphdef, state = nnx.split(model)
     self._graphdef = graphdef
@@ -188,7 +194,7 @@ class Predictor:
       if callable(tokenizer):
         self.tokenizer = tokenizer
       elif tokenizer:
-        from lift_jax.models.text import get_tokenizer
+        from lift_jax.data.tokenizer import get_tokenizer
 
         self.tokenizer = get_tokenizer(str(tokenizer), self.context_length)
 
@@ -214,9 +220,11 @@ class Predictor:
 
   # ------------------------------------------------------------------ jitted bodies
 
-  def _encode_images(self, params, images):
+  def _encode_images(self, params, images, usable):
     model = nnx.merge(self._graphdef, params)
-    return model.encode_image(transforms.normalize(images, self.mean, self.std))
+    z = model.encode_image(transforms.normalize(images, self.mean, self.std))
+    # An image that could not be decoded gets NaN: never a hit in any metric, and counted.
+    return jnp.where(usable[:, None], z, jnp.nan)
 
   def _encode_texts(self, params, tokens):
     model = nnx.merge(self._graphdef, params)
@@ -234,7 +242,8 @@ class Predictor:
     out, pending = [], None
     with jax.set_mesh(self.mesh):
       for local, n_valid in local_batches:
-        result = fn(self._params, self._global(local))
+        local = local if isinstance(local, tuple) else (local,)
+        result = fn(self._params, *map(self._global, local))
         if pending is not None:
           out.append(self._fetch(*pending))
         pending = (result, n_valid)
@@ -260,14 +269,23 @@ class Predictor:
       where = item if isinstance(item, (str, os.PathLike)) else "image"
       raise ImageLoadError(f"{where}: {e}") from None
 
-  def _image_batches(self, items: Iterable[Any], pool) -> Iterator[tuple[np.ndarray, int]]:
+  def _load_or_none(self, item: Any) -> np.ndarray | None:
+    """The eval transform of one item, or None (logged, then counted) when it cannot be read."""
+    try:
+      return self.load_image(item)
+    except ImageLoadError as e:
+      logger.warning("eval image unusable, scored as a miss: %s", e)
+      return None
+
+  def _image_batches(self, items: Iterable[Any], pool
+                     ) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], int]]:
     s = self.image_size
     blank = np.zeros((s, s, 3), np.uint8)
     rows = len(self._rows)
 
     def submit(batch):
       mine = [batch[i] for i in self._rows if i < len(batch)]  # padding rows come last
-      return [pool.submit(self.load_image, it) for it in mine], len(batch)
+      return [pool.submit(self._load_or_none, it) for it in mine], len(batch)
 
     ahead = collections.deque()
     for batch in _batches(items, self.batch_size):  # two batches decode while devices work
@@ -280,8 +298,10 @@ class Predictor:
   @staticmethod
   def _collect(futures, n_valid, rows, blank):
     images = [f.result() for f in futures]
+    usable = np.asarray([im is not None for im in images] + [True] * (rows - len(images)))
+    images = [blank if im is None else im for im in images]
     images += [blank] * (rows - len(images))  # padding of the last batch
-    return np.stack(images), n_valid
+    return (np.stack(images), usable), n_valid
 
   def embed_images(self, items: Iterable[Any]) -> np.ndarray:
     """float32 [N, D] L2-normalised embeddings of images given as paths, encoded bytes, uint8
@@ -295,8 +315,12 @@ class Predictor:
       if todo:
         for path, row in zip(todo, self._embed_images(todo)):
           self._image_cache[path] = row
+      self.unusable_images += sum(bool(np.isnan(self._image_cache[p]).any())
+                                  for p in dict.fromkeys(items))
       return np.stack([self._image_cache[p] for p in items])
-    return self._embed_images(items)
+    out = self._embed_images(items)
+    self.unusable_images += int(np.isnan(out).any(axis=1).sum())
+    return out
 
   def _embed_images(self, items: Iterable[Any]) -> np.ndarray:
     with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:

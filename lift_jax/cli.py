@@ -83,3 +83,33 @@ def parse_flags(flag_values, argv, usage: str) -> None:
     raise UsageError(f"{e} (--help lists the flags)") from None
   if len(rest) > 1:
     raise UsageError(f"unexpected arguments {rest[1:]}; every setting is a --flag=value")
+
+
+def flags_parser(command: str, aliases: dict[str, str] | None = None):
+  """An ``app.run(flags_parser=...)`` that reports bad flags and unknown ``--config.KEY``
+  overrides in one line (exit status 1) instead of absl's usage text or a traceback.
+
+  ``aliases`` rewrites whole arguments first (e.g. ``{"--check": "--check=quick"}``).
+  """
+
+  def parse(argv: list[str]) -> list[str]:
+    from absl import flags
+
+    argv = [(aliases or {}).get(a, a) for a in argv]
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - re-raised when verbose
+      if verbose():
+        raise
+      message = str(e).strip().strip("\"'")
+      if not isinstance(e, flags.Error):  # ml_collections: a --config.KEY that does not exist
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        named = [o for o in overrides if message in o[len("--config."):].split(".")]
+        if not named:  # e.g. a config file that raises: its traceback is what helps
+          raise
+        message = (f"{named[0]}: no such config key ({message!r}); the fields of every config "
+                   "are listed in the README's configuration reference")
+      print(f"{command}: error: {message}", file=sys.stderr, flush=True)
+      sys.exit(1)
+
+  return parse

@@ -87,6 +87,7 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   d.read_threads = 2
   d.prefetch = 2
   d.max_skipped = config_dict.placeholder(int)
+  d.max_skipped_fraction = 0.5
   d.max_image_bytes = config_dict.placeholder(int)
   d.prepare = config_dict.placeholder(str)
   d.synthetic = ml_collections.ConfigDict({
@@ -104,6 +105,7 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   e.workers = 8
   e.data_root = config_dict.placeholder(str)
   e.synthetic_suite = False
+  e.skip_missing = False
   e.benchmarks = ml_collections.ConfigDict()
   return c
 
@@ -191,6 +193,9 @@ DOCS = {
     "data.prefetch": "Global batches prefetched onto the devices.",
     "data.max_skipped": "Stop when more training examples than this were unusable "
                         "(undecodable image, NaN embedding, missing caption); None = never.",
+    "data.max_skipped_fraction": "Stop when more than this share of the training examples "
+                                 "since the previous log line were unusable (a run must not "
+                                 "succeed on data it cannot read); None = never.",
     "data.max_image_bytes": "Skip encoded images larger than this (the original loader's "
                             "50,000-byte quirk, off by default).",
     "data.prepare": "'synthetic': generate the synthetic set, its embeddings and eval bank "
@@ -215,6 +220,9 @@ DOCS = {
     "evals.data_root": "Folder that relative benchmark paths are joined to.",
     "evals.synthetic_suite": "Evaluate the synthetic set's compositional, classification and "
                              "retrieval sets (with data.prepare='synthetic').",
+    "evals.skip_missing": "Score every benchmark without the images missing from its folder "
+                          "(counted as skipped_images) instead of refusing; a benchmark's own "
+                          "skip_missing wins.",
     "evals.benchmarks": "{name: {type: sugarcrepe | zeroshot | retrieval | long_retrieval, "
                         "...}}; see eval/benchmarks.py for each type's fields. if_present=True: "
                         "skip the benchmark when its files are not there.",
@@ -267,7 +275,7 @@ def add_long_caption_benchmarks(c: ml_collections.ConfigDict) -> None:
 
 def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict,
                                                                     list[str]]:
-  """Joins relative benchmark paths to ``evals.data_root``.
+  """Joins relative benchmark paths to ``evals.data_root`` (and applies ``evals.skip_missing``).
 
   Returns (config copy, names of benchmarks dropped because they have relative paths and no
   data_root is set: a run whose evaluation data was not given still trains).
@@ -291,6 +299,8 @@ def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collection
     if if_present and absent:
       logging.info("benchmark %s skipped: %s is not there", name, absent[0])
       continue
+    if config.evals.get("skip_missing") and bench.get("skip_missing") is None:
+      bench["skip_missing"] = True
     benchmarks[name] = bench
   config.evals.benchmarks = benchmarks
   return config, dropped

@@ -1,7 +1,13 @@
 """Entry point: ``python -m lift_jax.main --config=configs/vitb16_datacomp.py --workdir=DIR``.
 
-Flags, multi-process start-up, then :func:`lift_jax.train.train_and_evaluate`. Re-running the same
-command resumes from DIR.
+Flags, multi-process start-up, data preparation (configs with ``data.prepare``; alone with
+``--prepare_only``), then :func:`lift_jax.train.train_and_evaluate`. Re-running the same command
+resumes from DIR. ``--check`` (``--check=full``: also every shard's SHA-256) checks what the run
+needs without training and prints a table (:mod:`lift_jax.preflight`).
+
+Exit status: 0 finished; 1 an error the message names (one line; ``LIFT_VERBOSE=1`` shows the
+stack); 143 stopped by SIGTERM (preemption) and 130 by Ctrl-C, after saving a checkpoint:
+re-run to resume.
 
 Multi-process runs: on TPU pods and under SLURM, ``jax.distributed.initialize()`` finds its peers
 by itself (``--distributed=auto`` turns it on when such an environment is detected); elsewhere pass
@@ -12,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from lift_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
@@ -31,7 +38,11 @@ flags.DEFINE_integer("local_device_count", None,
                      "CPU only: how many CPU devices this process exposes (testing).")
 flags.DEFINE_bool("prepare_only", False,
                   "Only build the data the config asks for (data.prepare), then exit.")
+flags.DEFINE_enum("check", None, ["quick", "full"],
+                  "Check data, manifests, eval data, text bank and workdir, print a table, exit "
+                  "(0 = ready). --check alone = quick; full also hashes every shard.")
 flags.mark_flags_as_required(["config", "workdir"])
+COMMAND = "python -m lift_jax.main"
 
 
 def _multiprocess_environment() -> bool:
@@ -60,32 +71,42 @@ def init_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def main(argv):
+def run(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
   from lift_jax.metrics import quiet_libraries
 
   quiet_libraries()
+  config = FLAGS.config
+  if FLAGS.check:
+    from lift_jax import preflight
+
+    table = preflight.check(config, FLAGS.workdir, full=FLAGS.check == "full")
+    print(table.format())
+    return 1 if table.failed else 0
   init_distributed()
   import jax
 
-  from lift_jax import train
+  from lift_jax import prepare, train
 
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  config = prepare.prepare_data(config, FLAGS.workdir)
+  if FLAGS.prepare_only:
+    return 0
   try:
-    if FLAGS.prepare_only:
-      from lift_jax import prepare
+    train.train_and_evaluate(config, FLAGS.workdir)
+  except train.Preempted as e:
+    logging.warning("%s (exit status %d)", e, e.exit_code)
+    return e.exit_code
+  return 0
 
-      prepare.prepare_data(FLAGS.config, FLAGS.workdir)
-      return
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.TrainingError as e:
-    logging.error("%s", e)
-    sys.exit(f"lift_jax.main: {e}")
+
+def main(argv) -> int:
+  return cli.run(COMMAND, run, argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(COMMAND, {"--check": "--check=quick"}))

@@ -1,7 +1,9 @@
 """Builds the data a config asks for when it is missing: the built-in synthetic set, its caption
 embeddings and the evaluation text bank.
 
-Only configs with ``data.prepare = "synthetic"`` (``configs/tiny_synthetic.py``,
+A step of its own: ``lift_jax.main`` runs it before the trainer is entered (alone with
+``--prepare_only``; the demo does so), the trainer never calls it. Only configs with
+``data.prepare = "synthetic"`` (``configs/tiny_synthetic.py``,
 ``configs/clip_tiny_synthetic.py``) use this; full-scale configs point at shards made beforehand
 with ``lift_jax.data.convert`` and ``embed.main``. Every stage is skipped when its output is
 complete, and says so. The embedding job runs in a subprocess: the trainer never imports torch.
@@ -25,8 +27,14 @@ import sys
 import jax
 import ml_collections
 
+from lift_jax import cli
 from lift_jax.data import records
 from lift_jax.data import shards
+
+
+@cli.user_error
+class PrepareError(RuntimeError):
+  """The data a config asks to prepare cannot be built; the message says why."""
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +55,19 @@ def run_embed(embed_config: str, output: str, *, images: str | None = None,
   log.info("embedding %s -> %s (%s)", images or texts, output, os.path.basename(embed_config))
   proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if proc.returncode:
-    raise RuntimeError(f"the embedding job failed ({' '.join(args)}):\n{proc.stdout[-4000:]}")
+    raise PrepareError(f"the embedding job failed ({' '.join(args)}):\n{proc.stdout[-4000:]}")
   for line in proc.stdout.splitlines()[-6:]:
     log.info("%s", line)
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """Returns the config with the prepared paths filled in (the input config is not changed)."""
-  if config.data.get("prepare") in (None, ""):
+  if config.data.get("prepare") in (None, "", "None", "none"):
     return config
   if config.data.prepare != "synthetic":
-    raise ValueError(f"config.data.prepare={config.data.prepare!r}: only 'synthetic' is known")
+    raise PrepareError(f"config.data.prepare={config.data.prepare!r}: the only preparation is "
+                       "'synthetic'; leave it unset (--config.data.prepare=) for data made "
+                       "beforehand with lift_jax.data.convert and embed.main")
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
   syn = config.data.synthetic
   root = os.path.abspath(syn.get("dir") or os.path.join(workdir, "synthetic"))

@@ -1,39 +1,53 @@
 """The training loop: LIFT (fixed text embeddings) or the CLIP baseline (trainable text tower).
 
-Read top to bottom: set-up, mesh, data, model and optimizer (built abstractly, then created directly
-into their shardings), the jitted step, resume, evaluators, the loop.
+Read top to bottom: the jitted step, the building blocks the benchmark tool shares (mesh, model
+and optimizer built abstractly then created directly into their shardings), then
+:func:`train_and_evaluate`: set-up, mesh, data, model and optimizer, resume, evaluators, the loop.
+Its collaborators each own one job: :mod:`lift_jax.checkpoint` the workdir and orbax,
+:mod:`lift_jax.data.pipeline` the batches (and the per-reason counts of unusable examples),
+:mod:`lift_jax.metrics` the metric files, throughput/MFU/ETA and ``data_report.json``,
+:func:`eval.evaluators.training_runner` the evaluators. Data preparation (``data.prepare``) is a
+step of its own (:mod:`lift_jax.prepare`), run by ``lift_jax.main`` before this module is entered.
+
+A run stopped by SIGTERM or Ctrl-C saves a checkpoint and raises :class:`Preempted`;
+``lift_jax.main`` exits with its ``exit_code`` (128 + the signal: 143, 130).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import time
 from typing import Any, Callable, NamedTuple
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
 from lift_jax import cli
 from lift_jax import checkpoint as ckpt
-from lift_jax import config_lib, losses, optim, sharding
+from lift_jax import losses, optim, sharding
 from lift_jax.data import pipeline, transforms
-from lift_jax.metrics import MetricWriter, peak_flops
+from lift_jax.metrics import MetricWriter, SkipReport, Throughput
 from lift_jax.models.two_tower import LOGIT_SCALE_MAX, TwoTower
-
-# Model fields that do not change the parameters: a resumed run may change them.
-NON_SHAPE_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "init_from", "init_from_params")
 
 
 @cli.user_error
 class TrainingError(RuntimeError):
   """The run cannot go on (non-finite loss, too many bad records, incompatible workdir)."""
+
+
+class Preempted(Exception):
+  """Raised after a run stopped by a signal saved its checkpoint; re-running resumes it."""
+
+  def __init__(self, step: int, signum: int):
+    name = signal.Signals(signum).name
+    super().__init__(f"stopped at step {step} by {name} after saving a checkpoint; re-run the "
+                     "same command to resume")
+    self.step, self.exit_code = step, 128 + int(signum)
 
 
 # ==============================================================================================
@@ -120,74 +134,61 @@ def make_train_step(graphdef, config, tx, schedule):
 
 
 # ==============================================================================================
-# Helpers
+# Preemption
 # ==============================================================================================
 
 
-def check_compatible(saved: dict[str, Any], config) -> None:
-  """Refuses to resume a workdir whose checkpoints were made for another model or batch shape."""
-  current = ckpt.config_to_dict(config)
-  diffs = []
-
-  def compare(a, b, path):
-    if isinstance(a, dict) and isinstance(b, dict):
-      for k in sorted(set(a) | set(b)):
-        if path == "model" and k in NON_SHAPE_MODEL_FIELDS:
-          continue
-        compare(a.get(k), b.get(k), f"{path}.{k}")
-    elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
-                         and list(a) == list(b)):
-      diffs.append(f"  {path}: checkpoint {a!r}, config {b!r}")
-
-  compare(saved.get("model", {}), current.get("model", {}), "model")
-  for key in ("batch_size",):
-    compare(saved.get(key), current.get(key), key)
-  for key in ("frozen",):  # decides which parameters have optimizer state
-    compare(list(saved.get("optim", {}).get(key) or ()),
-            list(current.get("optim", {}).get(key) or ()), f"optim.{key}")
-  if diffs:
-    raise TrainingError("the workdir's checkpoints were made with a different model or data "
-                        "shape; use a new --workdir or restore the config. Differences:\n" +
-                        "\n".join(diffs))
-
-
 class Preemption:
-  """SIGTERM -> save and stop. Multi-process runs agree through jax's preemption sync point."""
+  """SIGTERM or Ctrl-C -> save and stop (a second Ctrl-C interrupts at once). Multi-process runs
+  agree through jax's preemption sync point."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous = {}
     if jax.process_count() == 1:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread (e.g. called from a test runner thread)
-        self._previous = None
+      for sig in self.SIGNALS:
+        try:
+          self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a test runner thread)
+          pass
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint, then stopping")
-    self.requested = True
+    del frame
+    if self.signum == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("%s received: saving a checkpoint, then stopping",
+                    signal.Signals(signum).name)
+    self.signum = signum
 
   def check(self, step: int) -> bool:
     if jax.process_count() == 1:
-      return self.requested
+      return self.signum is not None
     from jax.experimental import multihost_utils
 
     try:
-      return bool(multihost_utils.reached_preemption_sync_point(step))
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = self.signum or signal.SIGTERM
+        return True
     except Exception:  # no preemption service (e.g. local CPU processes)
-      return False
+      pass
+    return False
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
-def _eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+def reason_counts(batches: pipeline.Batches) -> dict[str, int]:
+  """The unusable-example counts by reason, summed over every process."""
+  local = batches.reason_counts
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+
+  total = multihost_utils.process_allgather(np.asarray(list(local.values()), np.int64))
+  return dict(zip(local, np.asarray(total).reshape(jax.process_count(), -1).sum(0).tolist()))
 
 
 # ==============================================================================================
@@ -197,9 +198,9 @@ def _eta(seconds: float) -> str:
 
 def make_mesh(config) -> jax.sharding.Mesh:
   devices = jax.devices()
-  if config.mesh.get("num_devices"):
+  if config.mesh.num_devices:
     devices = devices[: config.mesh.num_devices]
-  mesh = sharding.make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1), devices)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   if config.batch_size % mesh.devices.size:
     raise TrainingError(f"batch_size {config.batch_size} does not divide by the "
                         f"{mesh.devices.size} devices")
@@ -249,8 +250,7 @@ def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
                                 sharding=batch_sharding)
   return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sharding),
           "text": text,
-          "valid": jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sharding),
-          "reason": jax.ShapeDtypeStruct((b,), jnp.int8, sharding=batch_sharding)}
+          "valid": jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sharding)}
 
 
 def flops_per_step(compiled) -> float | None:
@@ -274,186 +274,128 @@ def flops_per_step(compiled) -> float | None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last metrics."""
   # ---------------------------------------------------------------- set-up
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
+  pipeline.require_paths(config)
+  workdir = ckpt.open_workdir(workdir, config, primary)
   total_steps = int(config.total_steps)
-  config_file = os.path.join(workdir, "config.json")
-  if os.path.exists(config_file) and os.path.isdir(os.path.join(workdir, ckpt.CHECKPOINTS)):
-    with open(config_file, encoding="utf-8") as f:
-      check_compatible(json.load(f), config)
-
-  from lift_jax import prepare  # makes the synthetic data / embeddings tiny configs ask for
-
-  config = prepare.prepare_data(config, workdir)
-  if primary:
-    with open(config_file, "w", encoding="utf-8") as f:
-      json.dump(ckpt.config_to_dict(config), f, indent=1)
 
   # ---------------------------------------------------------------- mesh
   mesh = make_mesh(config)
-  n_dev = mesh.devices.size
-  logging.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), n_dev,
+  logging.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), mesh.devices.size,
                jax.devices()[0].device_kind, jax.process_count())
 
   # ---------------------------------------------------------------- data
-  dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count())
-  batches = pipeline.Batches(dataset, sharding.batch_sharding(mesh),
-                             prefetch=config.data.get("prefetch", 2))
+  dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count(),
+                                   warn=logging.warning)
+  batches = pipeline.Batches(dataset, sharding.batch_sharding(mesh), prefetch=config.data.prefetch)
 
   # ---------------------------------------------------------------- model, optimizer, step
   setup = build(config, mesh)
-  graphdef, state_shardings, train_step = setup.graphdef, setup.state_shardings, setup.step
-  rng = jax.random.PRNGKey(config.seed)
+  with jax.set_mesh(mesh):
+    state = jax.jit(setup.init, out_shardings=setup.state_shardings)(
+        jax.random.PRNGKey(config.seed))
 
   # ---------------------------------------------------------------- resume
-  mngr = ckpt.manager(os.path.join(workdir, ckpt.CHECKPOINTS),
-                      keep=config.get("keep_checkpoints", 3),
-                      keep_period=config.get("keep_checkpoint_every_steps"),
-                      async_save=config.get("async_checkpoints", True))
-  with jax.set_mesh(mesh):
-    state = jax.jit(setup.init, out_shardings=state_shardings)(rng)
-  latest = mngr.latest_step()
-  if latest is None and config.model.get("init_from"):
+  mngr = ckpt.manager(os.path.join(workdir, ckpt.CHECKPOINTS), keep=config.keep_checkpoints,
+                      keep_period=config.keep_checkpoint_every_steps,
+                      async_save=config.async_checkpoints)
+  if mngr.latest_step() is not None:
+    state = ckpt.restore_state(mngr, mngr.latest_step(), state, batches, config)
+    logging.info("resumed from step %d of %s", mngr.latest_step(), mngr.directory)
+  elif config.model.get("init_from"):  # a pretrained tower, on a fresh run only
     from lift_jax import pretrained
 
     state = dict(state, params=pretrained.load_into(state["params"], config.model))
-  if latest is not None:
-    step_dir = os.path.join(workdir, ckpt.CHECKPOINTS, str(latest))
-    saved_cfg = ckpt.read_config(step_dir)
-    check_compatible(saved_cfg.to_dict(), config)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
-    if os.path.isdir(os.path.join(step_dir, ckpt.TRAIN)):
-      restored = mngr.restore(latest, args=ckpt.ocp.args.Composite(**{
-          ckpt.PARAMS: ckpt.ocp.args.StandardRestore(target["params"]),
-          ckpt.TRAIN: ckpt.ocp.args.StandardRestore(
-              {k: v for k, v in target.items() if k != "params"}),
-          ckpt.DATA: grain.checkpoint.CheckpointRestore(batches)}))
-      state = {"params": restored[ckpt.PARAMS], **restored[ckpt.TRAIN]}
-      logging.info("resumed from step %d (%s)", int(state["step"]), step_dir)
-    else:  # params-only checkpoint (e.g. imported from PyTorch): fresh optimizer and data
-      params, _ = ckpt.restore_params(step_dir, target["params"])
-      state = dict(state, params=params)
-      logging.info("initialised parameters from %s; optimizer starts fresh", step_dir)
-  start_step = int(jax.device_get(state["step"]))
+  start_step = step = int(jax.device_get(state["step"]))
 
   # ---------------------------------------------------------------- evaluators
-  runner = None
-  eval_config, dropped = config_lib.resolve_eval_paths(config)
-  if dropped:
-    logging.warning("evaluation of %s skipped: their paths are relative and "
-                    "--config.evals.data_root is not set", ", ".join(dropped))
-  if eval_config.evals.get("benchmarks"):
-    from eval.evaluators import EvalRunner
+  from eval.evaluators import training_runner
 
-    runner = EvalRunner(eval_config, nnx.merge(graphdef, state["params"]), mesh)
+  runner = training_runner(config, nnx.merge(setup.graphdef, state["params"]), mesh)
 
-  writer = MetricWriter(workdir, primary, tensorboard=config.get("tensorboard", True))
+  # ---------------------------------------------------------------- loop
+  writer = MetricWriter(workdir, primary, tensorboard=config.tensorboard, resume_step=start_step)
+  skips = SkipReport(workdir, primary, max_skipped=config.data.max_skipped,
+                     max_fraction=config.data.max_skipped_fraction,
+                     sources={"images": config.data.images, "embeddings": config.data.embeddings})
+  speed = Throughput(start_step=start_step, total_steps=total_steps,
+                     batch_size=config.batch_size, num_devices=mesh.devices.size,
+                     device_kind=jax.devices()[0].device_kind)
   preemption = Preemption()
+  last: dict[str, float] = {}
+
+  def check(step: int) -> dict[str, int]:
+    """Stops a run that went non-finite or learns from unusable data; the counts by reason."""
+    bad = int(jax.device_get(state["nonfinite_step"]))
+    if bad >= 0:
+      raise TrainingError(f"non-finite loss or gradient at step {bad + 1}; the run stops. The "
+                          f"last good checkpoint is step {mngr.latest_step()} in "
+                          f"{mngr.directory} (lower the learning rate or check the data, then "
+                          "re-run to resume)")
+    counts = reason_counts(batches)
+    problem = skips.update(step, counts)
+    if problem:
+      raise TrainingError(problem)
+    return counts
 
   def save(step: int, force: bool = False):
-    health = int(jax.device_get(state["nonfinite_step"]))
-    if health >= 0:
-      return  # never save a state that saw a non-finite update
-    mngr.save(step, args=ckpt.ocp.args.Composite(**{
-        ckpt.PARAMS: ckpt.ocp.args.StandardSave(state["params"]),
-        ckpt.TRAIN: ckpt.ocp.args.StandardSave(
-            {k: v for k, v in state.items() if k != "params"}),
-        ckpt.DATA: grain.checkpoint.CheckpointSave(batches),
-        ckpt.CONFIG: ckpt.ocp.args.JsonSave(ckpt.config_to_dict(config))}), force=force)
+    check(step)  # never save a state that saw a non-finite update or learned from nothing
+    ckpt.save_state(mngr, step, state, batches, config, force=force)
 
   def evaluate(step: int) -> dict[str, float]:
     if runner is None:
       return {}
-    t0 = time.time()
-    results = runner.run(state["params"])
-    results = {f"eval/{k}": v for k, v in results.items()}
-    results["eval/seconds"] = time.time() - t0
+    results = {f"eval/{k}": v for k, v in runner.run(state["params"], keep_going=True).items()}
+    results["eval/seconds"] = sum(runner.timings.values())
     writer.write(step, results)
     logging.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return results
 
-  def check_health(step: int):
-    bad = int(jax.device_get(state["nonfinite_step"]))
-    if bad >= 0:
-      good = mngr.latest_step()
-      raise TrainingError(f"non-finite loss or gradient at step {bad + 1}; the run stops. The "
-                          f"last good checkpoint is step {good} in {workdir}/checkpoints "
-                          "(lower the learning rate or check the data, then re-run to resume)")
-
-  # ---------------------------------------------------------------- loop
-  flops = None
-  peak = peak_flops(jax.devices()[0].device_kind)
-  max_skipped = config.data.get("max_skipped")
-  last = {}
-  t_log, steps_since_log = time.time(), 0
-  t_start = time.time()
-  step = start_step
   logging.info("training from step %d to %d, global batch %d", start_step, total_steps,
                config.batch_size)
   try:
     with jax.set_mesh(mesh):
       while step < total_steps:
         batch, _ = next(batches)
-        if flops is None:
-          compiled = train_step.lower(state, batch).compile()
-          flops = flops_per_step(compiled) or 0.0
+        if speed.flops is None:
+          speed.compiled(flops_per_step(setup.step.lower(state, batch).compile()))
           logging.info("compiled the step: %.3g FLOPs per step per device (XLA cost analysis)",
-                       flops)
-          t_log = time.time()  # throughput excludes compilation
+                       speed.flops)
         with jax.transfer_guard("disallow"):
-          state, metrics = train_step(state, batch)
+          state, metrics = setup.step(state, batch)
         step += 1
-        steps_since_log += 1
+        speed.step()
 
         if step % config.log_every_steps == 0 or step == total_steps:
-          check_health(step)
-          m = jax.device_get(metrics)
-          dt = time.time() - t_log
-          rate = steps_since_log * config.batch_size / dt
-          scalars = {k: float(v) for k, v in m.items()}
-          scalars.update({"img_per_s": rate, "img_per_s_per_device": rate / n_dev,
-                          "step_time_s": dt / steps_since_log,
-                          "flops_per_step_per_device": flops})
-          if flops and peak:
-            scalars["mfu"] = flops * steps_since_log / dt / peak
+          counts = check(step)
+          scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          scalars.update(speed.report())
+          scalars.update({f"skipped/{k}": v for k, v in skips.skipped(counts).items()})
           writer.write(step, scalars)
           last = scalars
-          elapsed = time.time() - t_start
-          eta = elapsed / max(step - start_step, 1) * (total_steps - step)
-          logging.info("step %d/%d loss %.4f lr %.2e %.1f img/s ETA %s", step, total_steps,
-                       scalars["loss"], scalars["lr"], rate, _eta(eta))
-          t_log, steps_since_log = time.time(), 0
-          if max_skipped is not None and scalars["skipped"] > max_skipped:
-            raise TrainingError(
-                f"{int(scalars['skipped'])} training examples were unusable (undecodable image, "
-                f"NaN or flagged embedding, missing caption) by step {step}, more than "
-                f"config.data.max_skipped={max_skipped}; see metrics.jsonl and the data report")
-
+          logging.info("step %d/%d loss %.4f lr %.2e %.1f img/s ETA %s, %s", step, total_steps,
+                       scalars["loss"], scalars["lr"], scalars["img_per_s"], speed.eta(step),
+                       skips.summary(counts))
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-          check_health(step)
           save(step)
-        if config.get("eval_every_steps") and step % config.eval_every_steps == 0 \
+        if config.eval_every_steps and step % config.eval_every_steps == 0 \
             and step != total_steps:
           last.update(evaluate(step))
         if preemption.check(step):
-          check_health(step)
           save(step, force=True)
-          mngr.wait_until_finished()
-          logging.warning("stopped at step %d after preemption; re-run to resume", step)
-          return last
+          ckpt.wait_for_saves(mngr)
+          raise Preempted(step, preemption.signum)
 
-      check_health(step)
       if mngr.latest_step() != step:
         save(step, force=True)
-      mngr.wait_until_finished()
+      ckpt.wait_for_saves(mngr)
       if runner is not None and (step > start_step or not last):
         last.update(evaluate(step))
   finally:
     preemption.restore()
-    mngr.wait_until_finished()
-    mngr.close()
-    batches.close()
-    writer.close()
+    try:
+      mngr.close()
+    finally:
+      batches.close()
+      writer.close()
   return last

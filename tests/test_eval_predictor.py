@@ -128,14 +128,20 @@ def test_odd_images_load_as_rgb(lift_model, mesh8, tmp_path):
   np.testing.assert_allclose(out[-1], out[len(paths) + 1], atol=1e-6)
 
 
-def test_bad_images_are_errors_naming_the_file(lift_model, mesh8, tmp_path):
+def test_bad_images_are_named_counted_and_never_a_hit(lift_model, mesh8, tmp_path, caplog):
   p = Predictor(lift_model, mesh=mesh8, batch_size=8, workers=2)
   bad = tmp_path / "broken.jpg"
   bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  good = np.full((40, 40, 3), 128, np.uint8)
+  out = p.embed_images([good, bad.read_bytes(), good])
+  assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()  # NaN scores never hit
+  assert p.unusable_images == 1
+  out = p.embed_images([str(bad), str(tmp_path / "nowhere.jpg"), str(bad)])
+  assert np.isnan(out).all() and p.unusable_images == 3  # each distinct image counted once
+  for name in ("broken.jpg: not a decodable image", "nowhere.jpg: cannot read"):
+    assert any(name in r.getMessage() for r in caplog.records), name
   with pytest.raises(ImageLoadError, match="broken.jpg"):
-    p.embed_images([str(bad)])
-  with pytest.raises(ImageLoadError, match="nowhere.jpg"):
-    p.embed_images([str(tmp_path / "nowhere.jpg")])
+    p.load_image(str(bad))
   with pytest.raises(ImageLoadError, match="float32"):
     p.load_image(np.zeros((8, 8, 3), np.float32))
 
@@ -170,7 +176,7 @@ def test_text_bank_errors(lift_model, mesh8, tmp_path):
 
 
 def test_clip_texts_equal_direct_forward_and_shard_evenly(minilm_path, mesh8, mesh1):
-  from lift_jax.models.text import get_tokenizer
+  from lift_jax.data.tokenizer import get_tokenizer
 
   model = tiny_model("clip", 0)
   texts = [f"a photo of {n} {w}" for n in range(7) for w in ("cats", "a red car", "")][:19]

@@ -167,3 +167,21 @@ def test_real_sets_convert_load_and_batch_on_eight_devices(tmp_path, source, min
       assert bool(np.all(batch["valid"])) and reasons[0] == 32
       assert float(np.asarray(batch["image"]).std()) > 5  # real pixels, not blanks
     batches.close()
+
+
+def test_clip_batches_tokenise_without_importing_the_models(data, minilm_path):
+  """The tokenizer lives with the data: tokenising CLIP captions in the pipeline pulls in neither
+  lift_jax.models nor flax (the models use the data formats, never the reverse)."""
+  import subprocess
+  import sys
+
+  code = ("import sys; sys.path.insert(0, sys.argv[1]); import fakedata; "
+          "from lift_jax.data import pipeline; "
+          "c = fakedata.tiny_config(sys.argv[2], None, mode='clip', tokenizer=sys.argv[3]); "
+          "batch = next(iter(pipeline.train_dataset(c))); assert batch['text'].shape == (16, 16); "
+          "bad = sorted(m for m in sys.modules if m.startswith(('lift_jax.models', 'flax'))); "
+          "print(bad); sys.exit(1 if bad else 0)")
+  proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), data[0],
+                         minilm_path], capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

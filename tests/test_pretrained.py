@@ -345,7 +345,7 @@ def test_trainer_starts_from_a_checkpoint_with_the_tower_frozen_and_resumes(data
   # Changing which parameters are frozen cannot resume silently.
   other = cfg()
   other.optim.frozen = ()
-  with pytest.raises(train.TrainingError, match="optim.frozen"):
+  with pytest.raises(ckpt.CheckpointError, match="optim.frozen"):
     train.train_and_evaluate(other, str(run2))
 
 

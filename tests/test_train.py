@@ -1,5 +1,5 @@
 """The trainer: learning, 1 device == 8 devices (data and FSDP), exact resume after kill -9,
-SIGTERM, non-finite stop, config refusal, bad records, two real processes == one."""
+SIGTERM and Ctrl-C, non-finite stop, config refusal, bad records, two real processes == one."""
 
 import json
 import os
@@ -169,11 +169,15 @@ def test_kill_9_and_resume_is_bitwise_identical(data, tmp_path):
   assert step_a == step_b == 40
   assert bitwise_equal(a, b)
   ref_loss = {r["step"]: r["loss"] for r in read_jsonl(str(tmp_path / "ref" / "metrics.jsonl"))}
-  for row in read_jsonl(metrics):  # every logged step (before and after the kill) matches
+  rows = read_jsonl(metrics)
+  assert [r["step"] for r in rows] == list(range(1, 41))  # no step logged twice
+  for row in rows:  # every logged step (before and after the kill) matches
     assert row["loss"] == ref_loss[row["step"]]
 
 
-def test_sigterm_saves_a_restorable_checkpoint(data, tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["sigterm", "ctrl-c"])
+def test_signal_saves_a_restorable_checkpoint(data, tmp_path, signum, code):
   body = f"fakedata.tiny_config({data[0]!r}, {data[1]!r}, steps=400)"
   cfg = config_file(tmp_path, "cfg", body + "; c.checkpoint_every_steps = 1000")
   w = str(tmp_path / "w")
@@ -182,10 +186,10 @@ def test_sigterm_saves_a_restorable_checkpoint(data, tmp_path):
   while not (os.path.exists(metrics) and len(read_jsonl(metrics)) >= 5):
     assert p.poll() is None, p.stdout.read()
     time.sleep(0.05)
-  p.send_signal(signal.SIGTERM)
+  p.send_signal(signum)
   out = p.communicate(timeout=120)[0]
-  assert p.returncode == 0, out
-  assert "preemption" in out
+  assert p.returncode == code, out  # 128 + signal: a preempted run is not a finished one
+  assert f"{signal.Signals(signum).name} received: saving a checkpoint" in out
   params, step = final_params(w)
   assert 5 <= step < 400
   assert len(read_jsonl(metrics)) == step  # it stopped right after saving
@@ -213,7 +217,7 @@ def test_workdir_refuses_a_different_model(data, tmp_path):
   c = fakedata.tiny_config(*data, steps=4)
   c.model.vit.width = 48
   c.batch_size = 32
-  with pytest.raises(train.TrainingError) as e:
+  with pytest.raises(ckpt.CheckpointError) as e:
     train.train_and_evaluate(c, w)
   assert "model.vit.width: checkpoint 32, config 48" in str(e.value)
   assert "batch_size: checkpoint 16, config 32" in str(e.value)
@@ -224,18 +228,28 @@ def test_workdir_refuses_a_different_model(data, tmp_path):
   assert final_params(w)[1] == 4
 
 
-def test_bad_records_are_skipped_counted_and_limited(tmp_path):
+def test_bad_records_are_skipped_counted_and_limited(tmp_path, caplog):
   img, emb = fakedata.write_dataset(str(tmp_path / "d"), n=32, shards=2, dim=16,
                                     bad_images={3, 20}, nan_embeddings={7}, flagged={9})
   c = fakedata.tiny_config(img, emb, steps=2)  # 2 steps x 16 = one pass over the 32 examples
+  caplog.set_level("INFO")
   train.train_and_evaluate(c, str(tmp_path / "w"))
   rows = read_jsonl(str(tmp_path / "w" / "metrics.jsonl"))
   assert rows[-1]["skipped"] == 4
   assert sum(r["skipped_in_batch"] for r in rows) == 4
+  by_reason = {"bad_image": 2, "nan_embedding": 1, "flagged_embedding": 1}
+  assert {k[len("skipped/"):]: v for k, v in rows[-1].items()
+          if k.startswith("skipped/")} == by_reason
+  assert any(r.getMessage().startswith("step 2/2 ") and r.getMessage().endswith(
+      "skipped 4 (bad_image 2, nan_embedding 1, flagged_embedding 1)") for r in caplog.records)
+  report = json.loads((tmp_path / "w" / "data_report.json").read_text())
+  assert report["examples"] == 32 and report["usable"] == 28
+  assert report["skipped_by_reason"] == by_reason and report["stopped"] is None
   assert all(np.isfinite(r["loss"]) for r in rows)
   c = fakedata.tiny_config(img, emb, steps=4)
   c.data.max_skipped = 5
-  with pytest.raises(train.TrainingError, match="more than config.data.max_skipped=5"):
+  with pytest.raises(train.TrainingError, match="more than config.data.max_skipped=5.*"
+                     "data_report.json"):
     train.train_and_evaluate(c, str(tmp_path / "w2"))
 
 

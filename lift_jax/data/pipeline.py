@@ -17,8 +17,9 @@ batches handed out) is saved with every checkpoint, so a resumed run sees the ba
 uninterrupted one would.
 
 Examples that cannot be used (undecodable image, NaN/flagged embedding, missing caption) are kept
-in the batch with ``valid=False`` and a ``reason`` code; the loss ignores them and the trainer
-counts them (see ``REASONS``), so nothing is dropped silently and shapes stay static.
+in the batch with ``valid=False`` and a ``reason`` code; the loss ignores them, and ``Batches``
+counts them by reason on the host (the codes never go to the devices) and keeps the counts in its
+checkpointed state, so nothing is dropped silently and shapes stay static.
 """
 
 from __future__ import annotations
@@ -56,15 +57,17 @@ class PairedSource(grain.sources.RandomAccessDataSource):
   Readers are opened lazily in each process (the source is pickled into grain's workers).
   """
 
-  def __init__(self, image_files: Sequence[str], embedding_files: Sequence[str] | None = None):
+  def __init__(self, image_files: Sequence[str], embedding_files: Sequence[str] | None = None,
+               counts: Sequence[int] | None = None):
+    """``counts``: records per shard (from the manifests); None opens every shard to count."""
     self.image_files = list(image_files)
     self.embedding_files = list(embedding_files) if embedding_files else None
-    counts = [records.count_records(p) for p in self.image_files]
-    if self.embedding_files is not None:
-      if len(self.embedding_files) != len(self.image_files):
-        raise PipelineError(f"{len(self.embedding_files)} embedding shards for "
-                            f"{len(self.image_files)} image shards")
-      for img, emb, n in zip(self.image_files, self.embedding_files, counts):
+    if self.embedding_files is not None and len(self.embedding_files) != len(self.image_files):
+      raise PipelineError(f"{len(self.embedding_files)} embedding shards for "
+                          f"{len(self.image_files)} image shards")
+    if counts is None:
+      counts = [records.count_records(p) for p in self.image_files]
+      for img, emb, n in zip(self.image_files, self.embedding_files or (), counts):
         m = records.count_records(emb)
         if m != n:
           raise PipelineError(f"{emb} holds {m} records but its image shard {img} holds {n}")
@@ -80,13 +83,24 @@ class PairedSource(grain.sources.RandomAccessDataSource):
     return self.offsets[-1]
 
   def _open(self):
+    self._readers = ([None] * len(self.image_files),
+                     [None] * len(self.embedding_files) if self.embedding_files else None)
+
+  @staticmethod
+  def _read(readers: list, files: Sequence[str], shard: int, offset: int) -> bytes:
+    """Record ``offset`` of shard ``shard``; opened on first use, errors name shard and record."""
     from array_record.python import array_record_module
 
-    def reader(path):
-      return array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
-
-    self._readers = ([reader(p) for p in self.image_files],
-                     [reader(p) for p in self.embedding_files] if self.embedding_files else None)
+    path = files[shard]
+    try:
+      if readers[shard] is None:
+        readers[shard] = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+      return readers[shard].read([offset])[0]
+    except Exception as e:  # a damaged or truncated shard: name it instead of riegeli's bytes
+      raise records.RecordError(
+          f"{path} record {offset}: damaged shard ({str(e).splitlines()[0][:200]}). Check every "
+          "shard against its manifest with python -m lift_jax.main ... --check=full, then "
+          "re-create the damaged one") from None
 
   def _locate(self, index: int) -> tuple[int, int]:
     shard = bisect.bisect_right(self.offsets, index) - 1
@@ -103,9 +117,9 @@ class PairedSource(grain.sources.RandomAccessDataSource):
     for index in indices:
       shard, offset = self._locate(int(index))
       item = {"shard": shard, "offset": offset,
-              "image_record": images[shard].read([offset])[0]}
+              "image_record": self._read(images, self.image_files, shard, offset)}
       if embeddings is not None:
-        item["embedding_record"] = embeddings[shard].read([offset])[0]
+        item["embedding_record"] = self._read(embeddings, self.embedding_files, shard, offset)
       out.append(item)
     return out
 
@@ -159,7 +173,7 @@ class TrainTransform:
       if reason:
         text = np.zeros_like(text)
     else:
-      from lift_jax.models.text import get_tokenizer
+      from lift_jax.data.tokenizer import get_tokenizer
 
       caption = image_rec.get(self.caption_field)
       if not isinstance(caption, str) or not caption.strip():
@@ -226,8 +240,10 @@ class ProcessSlice(grain.MapDataset):
 # ----------------------------------------------------------------------------------------------
 
 
-def check_embeddings(image_dir: str, embedding_dir: str, embed_dim: int) -> dict[str, Any]:
-  """Checks the embedding manifest against the config and the image shards."""
+def check_embeddings(image_dir: str, embedding_dir: str, embed_dim: int,
+                     warn=None) -> list[int]:
+  """Checks the embedding manifest against the config and the image shards' manifest (counts,
+  freshness); returns the per-shard record counts. Opens no shard."""
   manifest = records.read_manifest(embedding_dir)
   dim = manifest.get("dim")
   if dim is not None and int(dim) != int(embed_dim):
@@ -236,38 +252,58 @@ def check_embeddings(image_dir: str, embedding_dir: str, embed_dim: int) -> dict
   dtype = manifest.get("storage_dtype")
   if dtype is not None and dtype not in records.STORAGE_DTYPES:
     raise PipelineError(f"{embedding_dir}/manifest.json: unknown storage_dtype {dtype!r}")
-  records.check_aligned(image_dir, embedding_dir)
-  return manifest
+  return records.check_aligned(image_dir, embedding_dir, warn=warn)
 
 
-def train_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """The per-process grain IterDataset of local batches for ``config`` (a training config)."""
+def require_paths(config) -> None:
+  """Names the missing data setting and the command that makes the data."""
+  data = config.data
+  prepared = "" if data.get("prepare") in (None, "", "None", "none") else (
+      f" (data.prepare={data.prepare!r} builds it: python -m lift_jax.main --config=... "
+      "--workdir=... --prepare_only, or run without --prepare_only)")
+  if not data.get("images"):
+    raise PipelineError("config.data.images is not set: point it at a folder of image shards "
+                        "(--config.data.images=DIR), made with python -m lift_jax.data.convert"
+                        + prepared)
+  if config.model.mode == "lift" and not data.get("embeddings"):
+    raise PipelineError("config.data.embeddings is not set: LIFT trains against precomputed "
+                        "caption embeddings (--config.data.embeddings=DIR), made with "
+                        "python -m embed.main --config.images=" + str(data.images) + prepared)
+
+
+def train_dataset(config, process_index: int = 0, process_count: int = 1,
+                  warn=None) -> grain.IterDataset:
+  """The per-process grain IterDataset of local batches for ``config`` (a training config).
+
+  Record counts come from the manifests: start-up opens no shard (each worker opens the shards
+  it reads, when it first reads them).
+  """
   data, model = config.data, config.model
-  image_files = records.list_shards(data.images, records.IMAGES)
+  require_paths(config)
   embedding_files = None
   if model.mode == "lift":
-    if not data.get("embeddings"):
-      raise PipelineError("config.data.embeddings is not set: LIFT trains against precomputed "
-                          "embedding shards (python -m embed.main ...)")
-    check_embeddings(data.images, data.embeddings, model.embed_dim)
+    counts = check_embeddings(data.images, data.embeddings, model.embed_dim, warn=warn)
+    image_files = records.list_shards(data.images, records.IMAGES)
     embedding_files = records.list_shards(data.embeddings, records.EMBEDDINGS)
-  source = PairedSource(image_files, embedding_files)
+  else:
+    image_files, counts, _ = records.shard_counts(data.images, records.IMAGES, warn)
+  source = PairedSource(image_files, embedding_files, counts)
   if len(source) == 0:
     raise PipelineError(f"{data.images} holds no records")
   transform = TrainTransform(
       mode=model.mode, image_size=model.image_size, seed=config.seed, source=source,
       embed_dim=model.embed_dim, crop_scale=data.crop_scale, crop_ratio=data.crop_ratio,
-      caption_field=data.get("caption_field", "caption"), tokenizer=data.get("tokenizer"),
-      context_length=model.get("text", {}).get("context_length") if model.mode == "clip"
-      else None, max_image_bytes=data.get("max_image_bytes"))
+      caption_field=data.caption_field, tokenizer=data.tokenizer,
+      context_length=model.text.context_length if model.mode == "clip" else None,
+      max_image_bytes=data.max_image_bytes)
   ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
   ds = ds.map_with_index(transform)
   ds = ProcessSlice(ds, config.batch_size, process_index, process_count)
   ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
-  threads = int(data.get("read_threads", 2))
+  threads = int(data.read_threads)
   ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                              prefetch_buffer_size=max(2 * threads, 2)))
-  workers = int(data.get("workers", 0))
+  workers = int(data.workers)
   if workers > 0:
     _absl_flags_parsed()
     ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
@@ -296,7 +332,8 @@ class Batches:
     self._iterator = iter(dataset)
     self._sharding = sharding
     self._prefetch = max(int(prefetch), 0)
-    self._state = {"grain": self._iterator.get_state(), "batches": 0}
+    self._state = {"grain": self._iterator.get_state(), "batches": 0,
+                   "reasons": [0] * len(REASONS)}
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
@@ -307,8 +344,9 @@ class Batches:
 
     local = next(self._iterator)
     state = self._iterator.get_state()
+    # The reason codes stay on the host: they are counted here, the step needs only `valid`.
     arrays = {k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v))
-              for k, v in local.items()}
+              for k, v in local.items() if k != "reason"}
     reasons = np.bincount(np.asarray(local["reason"]).astype(np.int64), minlength=len(REASONS))
     return arrays, state, reasons
 
@@ -342,7 +380,8 @@ class Batches:
       if kind == "error":
         raise item
       arrays, state, reasons = item
-    self._state = {"grain": state, "batches": self._state["batches"] + 1}
+    self._state = {"grain": state, "batches": self._state["batches"] + 1,
+                   "reasons": [a + int(b) for a, b in zip(self._state["reasons"], reasons)]}
     return arrays, reasons
 
   def get_state(self) -> bytes:
@@ -352,6 +391,7 @@ class Batches:
     if self._thread is not None:
       raise RuntimeError("set_state after iteration started")
     self._state = json.loads(state)
+    self._state.setdefault("reasons", [0] * len(REASONS))  # checkpoints of older runs
     self._iterator.set_state(self._state["grain"])
 
   def start_prefetch(self) -> None:  # called by grain's checkpoint handler after restore
@@ -360,6 +400,11 @@ class Batches:
   @property
   def batches_served(self) -> int:
     return int(self._state["batches"])
+
+  @property
+  def reason_counts(self) -> dict[str, int]:
+    """This process's examples handed out so far (resumed runs included), by REASON."""
+    return dict(zip(REASONS, self._state["reasons"]))
 
   def close(self) -> None:
     self._stop.set()

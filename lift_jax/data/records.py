@@ -316,22 +316,77 @@ def code_version() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def check_aligned(image_folder: str, embedding_folder: str, check_keys: bool = False) -> None:
-  """Raises a RecordError naming the shard when embeddings do not align with the image shards."""
-  images = list_shards(image_folder, IMAGES)
-  embeddings = list_shards(embedding_folder, EMBEDDINGS)
+def shard_counts(folder: str, prefix: str, warn=None
+                 ) -> tuple[list[str], list[int], dict[str, Any]]:
+  """(shard paths, record counts, manifest) of a folder, counts read from its manifest.
+
+  Opens no shard: at 40,000 shards on network storage, opening each one costs minutes. A shard
+  on disk that the manifest does not list is an error naming it. A folder without a manifest
+  (shards written by hand) or an entry without a ``count`` falls back to opening those shards,
+  said once through ``warn``.
+  """
+  paths = list_shards(folder, prefix)
+  if not os.path.exists(os.path.join(folder, MANIFEST)):
+    if warn is not None:
+      warn(f"{folder} has no {MANIFEST}: counting records by opening its {len(paths)} shards "
+           "(slow on network storage; the converter writes the manifest)")
+    return paths, [count_records(p) for p in paths], {"shards": []}
+  manifest = read_manifest(folder)
+  entries = {e.get("file"): e for e in manifest["shards"] if isinstance(e, dict)}
+  names = [os.path.basename(p) for p in paths]
+  unlisted = [n for n in names if n not in entries]
+  if unlisted:
+    raise RecordError(f"{folder}/{MANIFEST} does not list {len(unlisted)} of the {len(names)} "
+                      f"shards in the folder (first: {unlisted[0]}); the manifest belongs to "
+                      "another run: re-run the command that wrote the folder")
+  counts = []
+  for path, name in zip(paths, names):
+    count = entries[name].get("count")
+    counts.append(int(count) if isinstance(count, int) else count_records(path))
+  return paths, counts, manifest
+
+
+def check_aligned(image_folder: str, embedding_folder: str, check_keys: bool = False,
+                  warn=None) -> list[int]:
+  """Raises a RecordError naming the shard when embeddings do not align with the image shards.
+
+  Counts come from both manifests. An embedding shard whose manifest entry records the SHA-256
+  of the image shard it was computed from (``image_sha256``) must match the image manifest's
+  current digest: images re-converted since (new captions, same keys) make its vectors stale.
+  Entries without ``image_sha256`` (older embedding runs) are reported through ``warn`` (one
+  message) and accepted. Returns the per-shard record counts. ``check_keys`` also reads every
+  key of both sides and compares them (slow: it opens every shard).
+  """
+  images, image_counts, image_manifest = shard_counts(image_folder, IMAGES, warn)
+  embeddings, emb_counts, emb_manifest = shard_counts(embedding_folder, EMBEDDINGS, warn)
   if len(images) != len(embeddings):
     raise RecordError(
         f"{embedding_folder} has {len(embeddings)} embedding shards but {image_folder} has "
         f"{len(images)} image shards")
-  for img, emb in zip(images, embeddings):
-    ni, ne = count_records(img), count_records(emb)
+  image_sha = {e.get("file"): e.get("sha256") for e in image_manifest["shards"]}
+  emb_entries = {e.get("file"): e for e in emb_manifest["shards"]}
+  unrecorded = 0
+  for img, emb, ni, ne in zip(images, embeddings, image_counts, emb_counts):
     if ni != ne:
       raise RecordError(f"{emb} holds {ne} records but its image shard {img} holds {ni}")
+    recorded = emb_entries.get(os.path.basename(emb), {}).get("image_sha256")
+    current = image_sha.get(os.path.basename(img))
+    if recorded is None:
+      unrecorded += 1
+    elif current is not None and recorded != current:
+      raise RecordError(
+          f"{emb} was computed from another version of {img} (the image shard's SHA-256 "
+          "changed since; e.g. it was re-converted with new captions): its vectors are stale. "
+          f"Re-run python -m embed.main for {image_folder}")
     if check_keys:
       for idx, (a, b) in enumerate(zip(read_keys(img), read_keys(emb))):
         if a != b:
           raise RecordError(f"{emb} record {idx} has key {b!r}; image shard {img} has {a!r}")
+  if unrecorded and warn is not None:
+    warn(f"{embedding_folder}/{MANIFEST}: {unrecorded} of {len(embeddings)} shards do not record "
+         "the image shard they were computed from (image_sha256; made by an older embed.main), "
+         "so their freshness cannot be checked")
+  return image_counts
 
 
 # The manifest fields of an embedding folder or a text bank that decide what a vector means: a

@@ -505,10 +505,6 @@ def _write_text(path: str, text: str) -> None:
   common.write_text_atomic(path, text)
 
 
-def _write_json(path: str, data: Any) -> None:
-  common.write_json_atomic(path, data, sort_keys=False)
-
-
 def _eval_complete(folder: str, identity: dict[str, Any]) -> bool:
   path = os.path.join(folder, records.MANIFEST)
   if not os.path.exists(path):
@@ -582,7 +578,7 @@ def write_eval(folder: str, settings: Settings) -> dict[str, Any]:
         out[str(len(out))] = {"filename": name, "caption": sample[0],
                               "negative_caption": sample[1]}
     rel = f"compositional/{subset}.json"
-    _write_json(os.path.join(folder, rel), out)
+    common.write_json_atomic(os.path.join(folder, rel), out, sort_keys=False)
     files.append(rel)
     counts["compositional"][subset] = len(out)
 
@@ -607,9 +603,9 @@ def write_eval(folder: str, settings: Settings) -> dict[str, Any]:
   files.append("retrieval/captions.tsv")
   counts["retrieval"] = {"images": len(pairs), "captions": len(rows) - 1}
 
-  _write_json(os.path.join(folder, "scenes.json"), {
+  common.write_json_atomic(os.path.join(folder, "scenes.json"), {
       name: {"objects": [o.as_list() for o in sc.objects], "relation": sc.relation}
-      for name, sc in scenes.items()})
+      for name, sc in scenes.items()}, sort_keys=False)
   files.append("scenes.json")
   files += [f"images/{name}" for name in scenes]
   manifest = {"kind": "synthetic_eval", "identity": identity, "counts": counts, "files": files,

@@ -161,4 +161,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lift_jax import cli
+
+  app.run(lambda argv: cli.run("python -m lift_jax.tools.demo", main, argv),
+          flags_parser=cli.flags_parser("python -m lift_jax.tools.demo"))

@@ -1,0 +1,208 @@
+"""``python -m lift_jax.main ... --check[=full]``: what a long run needs, checked before it starts.
+
+Nothing here asks for an accelerator or builds a model: the checks read manifests, evaluation
+files and the text bank, and try the workdir. Each check is one row of a table (OK, WARN or FAIL
+with what to do); the command exits 1 when any row fails. ``--check=full`` also hashes every
+image and embedding shard (in parallel threads) against the SHA-256 of its manifest, which finds
+a damaged or half-copied shard before training reaches it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+from typing import Any, Callable
+
+from lift_jax import checkpoint as ckpt
+from lift_jax import cli
+from lift_jax.data import pipeline, records
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+# Settings a text bank must share with the training embeddings (same encoder, same vectors).
+BANK_SETTINGS = ("model", "revision", "pooling", "instruction", "max_length", "normalized")
+
+
+class Table:
+  """Rows of (check, status, detail)."""
+
+  def __init__(self):
+    self.rows: list[tuple[str, str, str]] = []
+
+  def add(self, check: str, status: str, detail: str) -> None:
+    self.rows.append((check, status, detail))
+
+  def run(self, check: str, fn: Callable[[], Any]) -> Any:
+    """Runs ``fn``, which returns a detail or (status, detail[, value]), and returns that (None
+    when ``fn`` raised a user error, which becomes a FAIL row)."""
+    try:
+      out = fn()
+    except Exception as e:  # noqa: BLE001 - only user errors become rows
+      message = cli.describe(e)
+      if message is None:
+        raise
+      self.add(check, FAIL, message)
+      return None
+    status, detail = out[:2] if isinstance(out, tuple) else (OK, out)
+    self.add(check, status, detail)
+    return out
+
+  @property
+  def failed(self) -> bool:
+    return any(s == FAIL for _, s, _ in self.rows)
+
+  def format(self) -> str:
+    width = max(len(c) for c, _, _ in self.rows)
+    return "\n".join(f"{c:<{width}}  {s:<4}  {d}" for c, s, d in self.rows)
+
+
+def _hash_all(folder: str, manifest: dict[str, Any], threads: int) -> str | tuple[str, str]:
+  entries = manifest["shards"]
+
+  def one(entry):
+    path = os.path.join(folder, entry["file"])
+    if not os.path.exists(path):
+      return f"{entry['file']}: missing"
+    if records.sha256_file(path) != entry.get("sha256"):
+      return f"{entry['file']}: SHA-256 differs from the manifest (damaged or changed)"
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    bad = [b for b in pool.map(one, entries) if b]
+  if bad:
+    return FAIL, (f"{len(bad)} of {len(entries)} shards in {folder} do not match the manifest: "
+                  + "; ".join(bad[:5]) + ". Re-create them with the command that wrote the "
+                  "folder (it redoes shards that do not verify)")
+  return f"{len(entries)} shards match their SHA-256"
+
+
+def check(config, workdir: str, full: bool = False, threads: int | None = None) -> Table:
+  """The preflight table of a training config (see the module docstring)."""
+  t = Table()
+  data, model = config.data, config.model
+  threads = threads or min(32, 4 * (os.cpu_count() or 1))
+  prepared_later = bool(data.get("prepare")) and not data.get("images")
+  if prepared_later:
+    t.add("data", WARN, f"data.prepare={data.prepare!r} builds the data: run with "
+          "--prepare_only first to check it")
+  elif t.run("data paths", lambda: _paths(config)) is not None:
+    shards = t.run("image manifest", lambda: _image_summary(data.images))
+    if model.mode == "lift":
+      warnings: list[str] = []
+      t.run("embeddings", lambda: _embedding_summary(config, warnings))
+      if warnings:
+        t.add("embedding freshness", WARN, " ".join(warnings))
+    if full:
+      t.run("image SHA-256", lambda: _hash_all(data.images, records.read_manifest(data.images),
+                                               threads))
+      if model.mode == "lift":
+        t.run("embedding SHA-256", lambda: _hash_all(
+            data.embeddings, records.read_manifest(data.embeddings), threads))
+    if shards:
+      n = shards[2]
+      samples = int(config.total_steps) * int(config.batch_size)
+      t.add("schedule", OK, f"{config.total_steps} steps x {config.batch_size} = {samples:,} "
+            f"samples, {samples / max(n, 1):.2f} epochs of {n:,} records" + _eta(config, workdir))
+  _check_evals(config, t)
+  t.run("workdir", lambda: _workdir(config, workdir))
+  return t
+
+
+def _paths(config) -> str:
+  pipeline.require_paths(config)
+  lift = config.model.mode == "lift"
+  return f"images {config.data.images}" + (f", embeddings {config.data.embeddings}" if lift
+                                           else "")
+
+
+def _image_summary(folder: str):
+  paths, counts, _ = records.shard_counts(folder, records.IMAGES)
+  return OK, f"{len(paths)} shards, {sum(counts):,} records (from the manifest)", sum(counts)
+
+
+def _embedding_summary(config, warnings: list[str]) -> str:
+  counts = pipeline.check_embeddings(config.data.images, config.data.embeddings,
+                                     config.model.embed_dim, warn=warnings.append)
+  manifest = records.read_manifest(config.data.embeddings)
+  return (f"{len(counts)} shards aligned with the images, dim {manifest.get('dim')}, "
+          f"{manifest.get('model', 'unknown encoder')}")
+
+
+def _eta(config, workdir: str) -> str:
+  """An ETA from the step time an earlier run of this workdir logged, when there is one."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return ""
+  from lift_jax.metrics import format_duration, read_jsonl
+
+  rows = [r for r in read_jsonl(path) if isinstance(r.get("step_time_s"), float)]
+  if not rows:
+    return ""
+  left = int(config.total_steps) - int(rows[-1]["step"])
+  return f"; ETA {format_duration(left * rows[-1]['step_time_s'])} at the logged step time"
+
+
+def _check_evals(config, t: Table) -> None:
+  from eval import benchmarks
+  from eval import evaluators as E
+  from eval import texts as T
+  from lift_jax import config_lib
+
+  resolved, dropped = config_lib.resolve_eval_paths(config)
+  if dropped:
+    t.add("eval paths", WARN, f"{', '.join(dropped)} skipped: relative paths and no "
+          "--config.evals.data_root")
+  def parse():
+    specs = benchmarks.parse_all(resolved.evals.benchmarks)
+    return OK, f"{len(specs)} benchmarks: {', '.join(s.name for s in specs) or '-'}", specs
+
+  specs = t.run("eval config", parse)
+  if not specs:
+    return
+  texts: list[str] = []
+  for spec in specs[2]:
+    evaluator = t.run(f"eval {spec.name}", lambda s=spec: (OK, "files and images present",
+                                                           E.make_evaluator(s)))
+    if evaluator:
+      e = evaluator[2]
+      texts.extend(e.scored_texts() if hasattr(e, "scored_texts") else e.texts())
+  if config.model.mode == "lift" and texts:
+    t.run("text bank", lambda: _bank(config, T.unique(texts)))
+
+
+def _bank(config, texts: list[str]) -> str | tuple[str, str]:
+  from eval.predictor import TextBank
+
+  folder = config.evals.get("text_bank")
+  if not folder:
+    return FAIL, ("config.evals.text_bank is not set: write the texts with python -m eval.main "
+                  "--config=... --write_texts=FILE, embed them with python -m embed.main "
+                  "--config.texts=FILE")
+  bank = TextBank(folder, int(config.model.embed_dim))
+  missing = bank.missing(texts)
+  if missing:
+    return FAIL, (f"{len(missing)} of {len(texts)} texts missing from {folder} (e.g. "
+                  f"{missing[0]!r}): re-make the bank from eval.main --write_texts")
+  if config.data.get("embeddings") and os.path.isdir(config.data.embeddings):
+    train = records.read_manifest(config.data.embeddings)
+    diffs = [f"{k}: bank {bank.manifest.get(k)!r}, training {train.get(k)!r}"
+             for k in BANK_SETTINGS
+             if k in bank.manifest and k in train and bank.manifest[k] != train[k]]
+    if diffs:
+      return FAIL, (f"{folder} was embedded with other settings than the training embeddings "
+                    f"({'; '.join(diffs)}): re-make it with the training embeddings' config")
+  return f"{len(texts)} texts, all in {folder}"
+
+
+def _workdir(config, workdir: str) -> str:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  ckpt.check_writable(workdir)
+  ckpt.check_writable(os.path.join(workdir, ckpt.CHECKPOINTS))
+  config_file = os.path.join(workdir, ckpt.CONFIG_JSON)
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, ckpt.CHECKPOINTS))
+                 if d.isdigit())
+  if steps and os.path.exists(config_file):
+    with open(config_file, encoding="utf-8") as f:
+      ckpt.check_compatible(json.load(f), config)
+    return f"{workdir} writable; resumes from step {steps[-1]}"
+  return f"{workdir} writable; starts from step 0"
