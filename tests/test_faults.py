@@ -2,7 +2,6 @@
 eval images, unwritable workdirs, bad command lines, start-up cost, preemption."""
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -269,7 +268,7 @@ def test_check_eval_rows_bank_coverage_and_settings(data, tmp_path):
 def test_undecodable_eval_image_is_a_counted_miss_and_skip_missing_needs_no_skipped_texts(
     tmp_path):
   from eval.evaluators import EvalRunner
-  from eval.texts import required_texts
+  from eval.benchmarks import required_texts
   from eval_fixtures import config, lift_model_config, tiny_model, write_bank
   from lift_jax import config_lib
 

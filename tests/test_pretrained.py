@@ -8,7 +8,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -19,7 +18,6 @@ from conftest import require
 from lift_jax import checkpoint as ckpt
 from lift_jax import config_lib, optim, pretrained, train
 from lift_jax.models.two_tower import TwoTower
-from lift_jax.tools import import_torch
 
 OPTIM = dict(lr=1e-2, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, warmup_steps=2,
              grad_clip_norm=None)

@@ -782,21 +782,27 @@ class Suite:
         raise
     return code, time.time() - t0, log
 
+  def child_row(self, slug: str, argv: list[str]) -> tuple[bool, dict[str, Any]]:
+    """:meth:`child` within the budget left; (whether it exited 0, the row's status fields)."""
+    code, seconds, log = self.child(slug, argv, self.remaining())
+    status = {"seconds": seconds, "log": os.path.relpath(log, self.out)}
+    if code is None:
+      return False, {**status, "status": "stopped: budget spent while it ran"}
+    if code != 0:
+      return False, {**status, "status": "failed", "error": _last_error(log)}
+    return True, {**status, "status": "ok"}
+
   def bench_child(self, slug: str, args: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Runs this tool in a child; (its JSON or None, status fields for the row)."""
     out = os.path.join(self.out, "rows", f"{slug}.json")
     if os.path.exists(out):
       os.remove(out)
-    code, seconds, log = self.child(
-        slug, [sys.executable, "-m", "lift_jax.tools.bench", f"--output={out}", *args],
-        self.remaining())
-    status = {"seconds": seconds, "log": os.path.relpath(log, self.out)}
-    if code is None:
-      return None, {**status, "status": "stopped: budget spent while it ran"}
-    if code != 0:
-      return None, {**status, "status": "failed", "error": _last_error(log)}
+    ok, status = self.child_row(
+        slug, [sys.executable, "-m", "lift_jax.tools.bench", f"--output={out}", *args])
+    if not ok:
+      return None, status
     with open(out, encoding="utf-8") as f:
-      return json.load(f), {**status, "status": "ok"}
+      return json.load(f), status
 
   # -- the rows -----------------------------------------------------------------------------------
   def step_args(self, row: SuiteRow) -> list[str]:
@@ -869,14 +875,11 @@ class Suite:
                              global_batch=global_batch, steps=FLAGS.suite_e2e_steps,
                              workers=workers, overrides=overrides)
     started = time.time()
-    code, seconds, log = self.child(slug, [sys.executable, "-m", "lift_jax.main",
-                                           f"--config={config}", f"--workdir={workdir}"],
-                                    self.remaining())
-    status = {"seconds": seconds, "log": os.path.relpath(log, self.out)}
-    if code is None:
-      return None, {**status, "status": "stopped: budget spent while it ran"}
-    if code != 0:
-      return None, {**status, "status": "failed", "error": _last_error(log)}
+    ok, status = self.child_row(slug, [sys.executable, "-m", "lift_jax.main",
+                                       f"--config={config}", f"--workdir={workdir}"])
+    if not ok:
+      return None, status
+    seconds, log = status["seconds"], os.path.join(self.out, status["log"])
     result = {"what": f"python -m lift_jax.main on the generated JPEG shards: "
                       f"{FLAGS.suite_e2e_steps} steps, {workers} grain workers, prefetch, async "
                       "checkpoints, a retrieval eval at the end",
@@ -891,7 +894,7 @@ class Suite:
         for w in r["result"]["rows"]:
           if w["workers"] == workers:
             result["input_only_img_per_s"] = w["img_per_s"]
-    return result, {**status, "status": "ok"}
+    return result, status
 
   def run_embed(self, slug: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     import importlib.util
@@ -904,29 +907,26 @@ class Suite:
     n = FLAGS.suite_captions or (8192 if arch == "7b" else 256)
     texts = _write_captions(os.path.join(self.out, "data", f"captions-{n}.txt"), n)
     folder = os.path.join(self.out, "data", f"nvembed-{arch}")
-    code, seconds_ckpt, log = self.child(f"{slug}_checkpoint", [
+    ok, status = self.child_row(f"{slug}_checkpoint", [
         sys.executable, "-c", _WRITE_NVEMBED, folder,
-        json.dumps(NVEMBED_TINY if arch == "tiny" else {})], self.remaining())
-    if code != 0:
-      return None, {"seconds": seconds_ckpt, "log": os.path.relpath(log, self.out),
-                    "status": "failed" if code else "stopped: budget spent while it ran",
-                    "error": _last_error(log) if code else None}
+        json.dumps(NVEMBED_TINY if arch == "tiny" else {})])
+    if not ok:
+      return None, status
+    seconds_ckpt = status["seconds"]
     output = os.path.join(self.out, "embed_output")
     if os.path.isdir(output):
       import shutil
 
       shutil.rmtree(output)
-    code, seconds, log = self.child(slug, [
+    ok, status = self.child_row(slug, [
         sys.executable, "-m", "embed.main",
         f"--config={os.path.join(REPO_ROOT, 'embed', 'configs', 'nvembed_v2.py')}",
         f"--config.model={folder}", "--config.random_init=True", f"--config.texts={texts}",
-        f"--config.output={output}", "--config.max_length=77", "--config.progress=False"],
-        self.remaining())
-    status = {"seconds": seconds + seconds_ckpt, "log": os.path.relpath(log, self.out)}
-    if code is None:
-      return None, {**status, "status": "stopped: budget spent while it ran"}
-    if code != 0:
-      return None, {**status, "status": "failed", "error": _last_error(log)}
+        f"--config.output={output}", "--config.max_length=77", "--config.progress=False"])
+    seconds = status["seconds"]
+    status["seconds"] += seconds_ckpt
+    if not ok:
+      return None, status
     from lift_jax.data import records
 
     summary = records.read_manifest(output).get("summary", {})
@@ -936,8 +936,7 @@ class Suite:
                     f"({arch}), {n} generated captions, max_length 77, the checkpoint's small "
                     "generated tokenizer (more tokens per word than the real one: tokens/s is the "
                     "comparable rate); rates exclude model loading",
-            "arch": arch, **sizes, "captions": n, "wall_s": seconds, **summary}, \
-        {**status, "status": "ok"}
+            "arch": arch, **sizes, "captions": n, "wall_s": seconds, **summary}, status
 
   # -- the loop -----------------------------------------------------------------------------------
   def run(self, plan: list[SuiteRow]) -> dict[str, Any]:
