@@ -399,12 +399,12 @@ class EvalRunner:
       context_length = config.model.text.context_length
     mean, std = ev.get("mean"), ev.get("std")
     self.predictor = Predictor(
-        model, mesh=mesh, batch_size=int(ev.get("batch_size") or 256),
+        model, mesh=mesh, batch_size=ev.get("batch_size"),
         image_size=int(config.model.image_size), resize_size=ev.get("resize_size"),
         mean=tuple(mean) if mean else transforms.IMAGENET_MEAN,
         std=tuple(std) if std else transforms.IMAGENET_STD,
         text_bank=ev.get("text_bank"), tokenizer=tokenizer, context_length=context_length,
-        workers=int(ev.get("workers") or 8))
+        workers=ev.get("workers"))
     if model.mode == "lift":
       check_bank_encoder(config)
     # LIFT: a text missing from the bank is found now, before any training step. Texts of

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from PIL import Image
 
 from lift_jax import cli
+from lift_jax import config_lib
 from lift_jax import sharding as shd
 from lift_jax.data import records, transforms
 
@@ -158,11 +159,16 @@ def _local_rows(sharding: NamedSharding, global_rows: int) -> np.ndarray:
 class Predictor:
   """Embeds images and texts with a TwoTower model over a device mesh."""
 
-  def __init__(self, model, *, mesh=None, batch_size: int = 256, image_size: int | None = None,
+  def __init__(self, model, *, mesh=None, batch_size: int | None = None,
+               image_size: int | None = None,
                resize_size: int | None = None, mean=transforms.IMAGENET_MEAN,
                std=transforms.IMAGENET_STD, text_bank: str | TextBank | None = None,
                tokenizer: str | Callable[[list[str]], np.ndarray] | None = None,
-               context_length: int | None = None, workers: int = 8):
+               context_length: int | None = None, workers: int | None = None):
+    """``batch_size`` and ``workers`` default to ``config.evals``'s (lift_jax.config_lib)."""
+    defaults = config_lib.base().evals
+    batch_size = batch_size or defaults.batch_size
+    workers = workers or defaults.workers
     self.mesh = mesh if mesh is not None else shd.make_mesh()
     devices = self.mesh.devices.size
     # The global batch must split evenly over the devices; eval results do not depend on it.
