@@ -422,13 +422,13 @@ def parse(name: str, cfg: Mapping[str, Any], texts_only: bool = False):
     raise BenchmarkConfigError(f"benchmark {name!r}: type must be one of {sorted(SPECS)}, "
                                f"got {kind!r}")
   cls = SPECS[kind]
-  known = {f.name for f in dataclasses.fields(cls)} - {"name", "type", "texts_only"}
+  fields = {f.name for f in dataclasses.fields(cls)}
+  known = fields - {"name", "type", "texts_only"}
   unknown = sorted(set(d) - known)
   if unknown:
     raise BenchmarkConfigError(f"benchmark {name!r} (type {kind}): unknown field(s) {unknown}; "
                                f"known: {sorted(known)}")
-  extra = {"texts_only": True} if texts_only and "texts_only" in {
-      f.name for f in dataclasses.fields(cls)} else {}
+  extra = {"texts_only": True} if texts_only and "texts_only" in fields else {}
   return cls(name=name, **{k: v for k, v in d.items() if v is not None}, **extra)
 
 
@@ -437,7 +437,7 @@ def parse_all(benchmarks: Mapping[str, Any] | None, texts_only: bool = False) ->
   return [parse(name, cfg, texts_only) for name, cfg in _as_dict(benchmarks or {}).items()]
 
 
-def required_texts(evals_config, texts_only: bool = False) -> list[str]:
+def required_texts(evals_config) -> list[str]:
   """Every text the benchmarks of ``config.evals`` (or of a whole config) score, each once, in
   benchmark order.
 
@@ -450,7 +450,7 @@ def required_texts(evals_config, texts_only: bool = False) -> list[str]:
     evals_config = evals_config.to_dict()
   if "benchmarks" not in evals_config and "evals" in evals_config:
     evals_config = evals_config["evals"]
-  specs = parse_all(evals_config.get("benchmarks"), texts_only)
+  specs = parse_all(evals_config.get("benchmarks"))
   return T.unique(t for spec in specs for t in spec.texts())
 
 

@@ -47,6 +47,10 @@ class Evaluator(Protocol):
   def texts(self) -> list[str]:
     ...
 
+  def scored_texts(self) -> list[str]:
+    """The texts a run scores (without those of images skipped as missing)."""
+    ...
+
   def run(self, predictor: Predictor) -> dict[str, float]:
     ...
 
@@ -196,6 +200,9 @@ class ZeroShotEvaluator:
   def texts(self) -> list[str]:
     return self.spec.texts()
 
+  def scored_texts(self) -> list[str]:
+    return self.texts()  # every class prompt is scored
+
   def classifier(self, predictor: Predictor) -> np.ndarray:
     """[C, D] class embeddings, built a chunk of classes at a time."""
     n_templates = len(self.prompts[0])
@@ -314,13 +321,17 @@ class LongRetrievalEvaluator(RetrievalEvaluator):
   max_length as ``num_bank_max_tokens`` and warns when the bank was embedded shorter than the
   spec's ``max_length``."""
 
+  _truncated: int | None = None  # captions longer than the CLIP context, counted once
+
   def run(self, predictor: Predictor) -> dict[str, float]:
     out = super().run(predictor)
     mode = getattr(predictor, "mode", None)
     if mode == "clip":
       lengths = getattr(predictor.tokenizer, "lengths", None)
       if lengths is not None:
-        n = sum(int(k > predictor.context_length) for k in lengths(self._texts))
+        if self._truncated is None:  # the captions and the tokenizer never change
+          self._truncated = sum(int(k > predictor.context_length) for k in lengths(self._texts))
+        n = self._truncated
         out[f"{self.name}/num_texts_truncated"] = float(n)
         out[f"{self.name}/num_context_tokens"] = float(predictor.context_length)
         if n:
@@ -409,9 +420,7 @@ class EvalRunner:
       check_bank_encoder(config)
     # LIFT: a text missing from the bank is found now, before any training step. Texts of
     # records skipped for missing images (skip_missing) are not asked for.
-    self.predictor.check_texts(T.unique(
-        t for e in self.evaluators
-        for t in (e.scored_texts() if hasattr(e, "scored_texts") else e.texts())))
+    self.predictor.check_texts(T.unique(t for e in self.evaluators for t in e.scored_texts()))
     self.timings: dict[str, float] = {}
 
   def run(self, params=None, keep_going: bool = False) -> dict[str, float]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Iterable
+from typing import Any, Callable
 
 # Registered error types: subclasses of these are printed as one line.
 _USER_ERRORS: list[type[BaseException]] = []
@@ -45,13 +45,14 @@ def describe(e: BaseException) -> str | None:
   return None
 
 
-def run(command: str, main: Callable[..., int | None], *args, extra: Iterable[type] = (),
-        **kwargs) -> int:
-  """Calls ``main``; a user error becomes one line on stderr and exit status 1."""
+def run(command: str, main: Callable[..., Any], *args, **kwargs) -> int:
+  """Calls ``main``; a user error becomes one line on stderr and exit status 1. The exit status
+  is what ``main`` returns when that is an int, else 0 (a command may return its result)."""
   try:
-    return main(*args, **kwargs) or 0
+    status = main(*args, **kwargs)
+    return status if isinstance(status, int) else 0
   except Exception as e:  # noqa: BLE001 - re-raised unless it is a user error
-    message = str(e).strip() if isinstance(e, tuple(extra)) else describe(e)
+    message = describe(e)
     if message is None or verbose():
       raise
     print(f"{command}: error: {message}", file=sys.stderr, flush=True)

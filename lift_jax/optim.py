@@ -115,8 +115,6 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int):
   clipping = optax.clip_by_global_norm(clip) if clip else optax.identity()
   frozen = _rules(optim.get("frozen"))
   multipliers = _rules(optim.get("lr_multipliers"))
-  if not frozen and not multipliers:
-    return optax.chain(clipping, adamw), schedule
   if multipliers:
     adamw = optax.chain(adamw, _scale_by_factors(multipliers))
   if not frozen:

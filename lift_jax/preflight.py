@@ -10,7 +10,6 @@ a damaged or half-copied shard before training reaches it.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 from typing import Any, Callable
 
@@ -19,8 +18,6 @@ from lift_jax import cli
 from lift_jax.data import pipeline, records
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
-# Settings a text bank must share with the training embeddings (same encoder, same vectors).
-BANK_SETTINGS = ("model", "revision", "pooling", "instruction", "max_length", "normalized")
 
 
 class Table:
@@ -164,8 +161,7 @@ def _check_evals(config, t: Table) -> None:
     evaluator = t.run(f"eval {spec.name}", lambda s=spec: (OK, "files and images present",
                                                            E.make_evaluator(s)))
     if evaluator:
-      e = evaluator[2]
-      texts.extend(e.scored_texts() if hasattr(e, "scored_texts") else e.texts())
+      texts.extend(evaluator[2].scored_texts())
   if config.model.mode == "lift" and texts:
     t.run("text bank", lambda: _bank(config, T.unique(texts)))
 
@@ -186,23 +182,18 @@ def _bank(config, texts: list[str]) -> str | tuple[str, str]:
   if config.data.get("embeddings") and os.path.isdir(config.data.embeddings):
     train = records.read_manifest(config.data.embeddings)
     diffs = [f"{k}: bank {bank.manifest.get(k)!r}, training {train.get(k)!r}"
-             for k in BANK_SETTINGS
+             for k in records.ENCODER_SETTINGS
              if k in bank.manifest and k in train and bank.manifest[k] != train[k]]
-    if diffs:
+    if diffs and not config.evals.get("allow_encoder_mismatch"):
       return FAIL, (f"{folder} was embedded with other settings than the training embeddings "
-                    f"({'; '.join(diffs)}): re-make it with the training embeddings' config")
+                    f"({'; '.join(diffs)}): re-make it with the training embeddings' config, or "
+                    "set config.evals.allow_encoder_mismatch=True")
   return f"{len(texts)} texts, all in {folder}"
 
 
 def _workdir(config, workdir: str) -> str:
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  ckpt.check_writable(workdir)
-  ckpt.check_writable(os.path.join(workdir, ckpt.CHECKPOINTS))
-  config_file = os.path.join(workdir, ckpt.CONFIG_JSON)
+  workdir = ckpt.open_workdir(workdir, config, primary=False)  # writable, checkpoints fit
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, ckpt.CHECKPOINTS))
                  if d.isdigit())
-  if steps and os.path.exists(config_file):
-    with open(config_file, encoding="utf-8") as f:
-      ckpt.check_compatible(json.load(f), config)
-    return f"{workdir} writable; resumes from step {steps[-1]}"
-  return f"{workdir} writable; starts from step 0"
+  return f"{workdir} writable; " + (f"resumes from step {steps[-1]}" if steps
+                                    else "starts from step 0")

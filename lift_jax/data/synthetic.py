@@ -696,4 +696,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  sys.exit(cli.run("python -m lift_jax.data.synthetic", lambda: bool(main()) and 0))
+  sys.exit(cli.run("python -m lift_jax.data.synthetic", main))
