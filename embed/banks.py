@@ -27,8 +27,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from eval import benchmarks
+from eval.benchmarks import zeroshot
 from eval.texts import unique, write_texts
 from lift_jax import cli
+from lift_jax.data import synthetic
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("out", None, "texts file to write: a .json list, or one text per line",
@@ -61,9 +63,7 @@ def requested_benchmarks() -> dict[str, dict[str, Any]]:
   """{name: benchmark entry} for every source the flags name, in the order of the flags."""
   out: dict[str, dict[str, Any]] = {}
   if FLAGS.config is not None:
-    from lift_jax import config_lib
-
-    config, dropped = config_lib.resolve_eval_paths(FLAGS.config)
+    config, dropped = benchmarks.resolve_paths(FLAGS.config)
     if dropped:
       raise cli.UsageError(f"benchmarks {', '.join(dropped)} of --config have relative paths: "
                            "set --config.evals.data_root=DIR")
@@ -72,7 +72,7 @@ def requested_benchmarks() -> dict[str, dict[str, Any]]:
   if FLAGS.imagenet:
     protocols = ["lift", "openai"] if FLAGS.protocol == "both" else [FLAGS.protocol]
     for p in protocols:
-      out[f"imagenet_{p}"] = benchmarks.imagenet_benchmark(FLAGS.imagenet, p)
+      out[f"imagenet_{p}"] = zeroshot.imagenet_benchmark(FLAGS.imagenet, p)
   if FLAGS.classnames:
     out["prompts"] = {"type": "zeroshot", "classnames": FLAGS.classnames,
                       "templates": FLAGS.templates}
@@ -83,8 +83,6 @@ def requested_benchmarks() -> dict[str, dict[str, Any]]:
   if FLAGS.sugarcrepe:
     out["sugarcrepe"] = {"type": "sugarcrepe", "data_dir": FLAGS.sugarcrepe}
   if FLAGS.eval_dir:
-    from lift_jax.data import synthetic
-
     for name, entry in synthetic.eval_benchmarks(FLAGS.eval_dir).items():
       if entry["type"] == "retrieval":
         entry = {**entry, "protocol": protocol}

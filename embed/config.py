@@ -6,7 +6,6 @@ overridden on the command line, e.g. ``--config.images=DIR --config.output=DIR``
 
 import ml_collections
 
-ENCODERS = ("nv_embed", "last_token", "mean", "cls")
 POLICIES = ("flag", "fail")
 
 
@@ -23,7 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Encoder.
   c.model = ""  # hub id (matched case-insensitively) or a local folder
   c.revision = ""  # hub revision to load; "" = the default branch
-  c.encoder = ""  # nv_embed | last_token | mean | cls; "" = the known default of the model
+  c.encoder = ""  # a kind of embed.encoders.ARCHITECTURES; "" = the known default of the model
   c.instruction = ""  # text prefixed to every input (nv_embed: passed to its encode())
   c.max_length = 77  # tokens per text, special tokens included; longer texts are truncated
   c.normalize = True  # L2-normalise the vectors before storage

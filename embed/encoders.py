@@ -22,13 +22,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from embed import nvembed
 from embed.base import Encoder, Prepared, pad_ids  # noqa: F401  (the encoders' interface)
-from embed.config import ENCODERS
 from embed.errors import EmbedError
 
 # Models whose hub id is recognised whatever its case, with the encoder they need.
@@ -47,7 +47,6 @@ KNOWN_MODELS = {
     "lmsys/vicuna-7b-v1.5": ("lmsys/vicuna-7b-v1.5", "last_token"),
     "sentence-transformers/all-minilm-l6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "mean"),
 }
-POOLING = {"nv_embed": "latent_attention", "last_token": "last_token", "mean": "mean", "cls": "cls"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -255,9 +254,9 @@ def checkpoint_folder(ref: ModelRef, revision: str | None, weights: bool = True)
 
 
 def load_nv_embed(ref: ModelRef, revision: str | None, dtype: str, device: torch.device,
-                  instruction: str, max_length: int, random_init: bool) -> Encoder:
-  from embed import nvembed
-
+                  settings: "Settings") -> Encoder:
+  instruction, max_length, random_init = (settings.instruction, settings.max_length,
+                                          settings.random_init)
   folder = checkpoint_folder(ref, revision, weights=not random_init)
   spec = nvembed.read_spec(folder)
   if random_init:
@@ -277,6 +276,49 @@ def load_nv_embed(ref: ModelRef, revision: str | None, dtype: str, device: torch
   return encoder
 
 
+def load_pooled(ref: ModelRef, revision: str | None, dtype: str, device: torch.device,
+                settings: "Settings") -> Encoder:
+  model = load_model(ref.source, revision, dtype, settings.trust_remote_code, device,
+                     settings.random_init)
+  tokenizer = load_tokenizer(ref.source, revision, settings.trust_remote_code)
+  return PooledEncoder(model, tokenizer, settings.kind, settings.instruction,
+                       settings.max_length, settings.append_eos, settings.padding_side, device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What an encoder is built with besides the model and device (the job's config fields)."""
+  kind: str
+  instruction: str = ""
+  max_length: int = 77
+  append_eos: bool = False
+  padding_side: str = ""
+  trust_remote_code: bool = False
+  random_init: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """A kind of encoder (``config.encoder``): how to load it, and the pooling its manifest records."""
+  load: Callable[[ModelRef, str | None, str, torch.device, Settings], Encoder]
+  pooling: str
+
+
+# The encoder kinds, by config.encoder (see the README's "Extending" for adding one).
+ARCHITECTURES = {
+    "nv_embed": Architecture(load_nv_embed, "latent_attention"),
+    "last_token": Architecture(load_pooled, "last_token"),
+    "mean": Architecture(load_pooled, "mean"),
+    "cls": Architecture(load_pooled, "cls"),
+}
+
+
+def architecture(kind: str) -> Architecture:
+  if kind not in ARCHITECTURES:
+    raise EmbedError(f"config.encoder={kind!r}; expected one of {sorted(ARCHITECTURES)}")
+  return ARCHITECTURES[kind]
+
+
 _CACHE: dict[tuple, Encoder] = {}
 
 
@@ -285,20 +327,12 @@ def build_encoder(kind: str, ref: ModelRef, revision: str, dtype: str, device: t
                   trust_remote_code: bool, random_init: bool = False) -> Encoder:
   """Loads (once per process) the encoder these settings describe. ``random_init`` builds the
   architecture of the checkpoint's config.json with random weights (no weights are read)."""
-  key = (kind, ref.source, revision, dtype, str(device), instruction, max_length, append_eos,
-         padding_side, trust_remote_code, random_init)
+  settings = Settings(kind, instruction, max_length, append_eos, padding_side, trust_remote_code,
+                      random_init)
+  key = (ref.source, revision, dtype, str(device), settings)
   if key not in _CACHE:
-    rev = revision or None
-    if kind == "nv_embed":
-      _CACHE[key] = load_nv_embed(ref, rev, dtype, device, instruction, max_length, random_init)
-    elif kind in ("last_token", "mean", "cls"):
-      model = load_model(ref.source, rev, dtype, trust_remote_code, device, random_init)
-      tokenizer = load_tokenizer(ref.source, rev, trust_remote_code)
-      _CACHE[key] = PooledEncoder(model, tokenizer, kind, instruction, max_length, append_eos,
-                                  padding_side, device)
-    else:
-      raise EmbedError(f"config.encoder={kind!r}; expected one of {ENCODERS}")
-    enc = _CACHE[key]
+    enc = _CACHE[key] = architecture(settings.kind).load(ref, revision or None, dtype, device,
+                                                         settings)
     enc.name = ref.name
     enc.revision = revision or enc.revision or (snapshot_revision(ref.source)
                                                 if ref.is_local else None)

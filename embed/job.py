@@ -31,7 +31,7 @@ import numpy as np
 from embed import encoders as enc_lib
 from embed import inputs, writer
 from embed.batching import PaddingStats, plan_batches
-from embed.config import ENCODERS, POLICIES
+from embed.config import POLICIES
 from embed.errors import EmbedError
 from lift_jax.data import records
 from lift_jax.data import shards
@@ -105,8 +105,8 @@ def check_config(cfg) -> str:
       raise EmbedError(f"config.images={cfg.images} is not a folder")
     if os.path.abspath(cfg.images) == os.path.abspath(cfg.output):
       raise EmbedError("config.output must differ from config.images (both hold a manifest.json)")
-  if cfg.encoder and cfg.encoder not in ENCODERS:
-    raise EmbedError(f"config.encoder={cfg.encoder!r}; expected one of {ENCODERS}")
+  if cfg.encoder:
+    enc_lib.architecture(cfg.encoder)  # an unknown kind is an EmbedError naming the choices
   if cfg.storage_dtype not in records.STORAGE_DTYPES:
     raise EmbedError(f"config.storage_dtype={cfg.storage_dtype!r}; "
                      f"expected one of {records.STORAGE_DTYPES}")
@@ -169,7 +169,7 @@ def settings_of(cfg, mode: str, tasks: list[Task], ref: enc_lib.ModelRef, kind: 
       "model": ref.name,
       "revision": cfg.revision or (enc_lib.snapshot_revision(ref.source) if ref.is_local else None),
       "encoder": kind,
-      "pooling": enc_lib.POOLING[kind],
+      "pooling": enc_lib.architecture(kind).pooling,
       "instruction": cfg.instruction,
       "max_length": cfg.max_length,
       "append_eos": cfg.append_eos,
@@ -404,7 +404,7 @@ def run(cfg) -> dict[str, Any]:
   kind = cfg.encoder or ref.default_encoder
   if not kind:
     raise EmbedError(f"config.encoder is empty and {cfg.model} has no known encoder; "
-                     f"set one of {ENCODERS}")
+                     f"set one of {sorted(enc_lib.ARCHITECTURES)}")
 
   os.makedirs(cfg.output, exist_ok=True)
   writer.ensure_settings(cfg.output, settings_of(cfg, mode, tasks, ref, kind, dtype), context)

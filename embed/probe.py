@@ -30,9 +30,20 @@ import sys
 import time
 from typing import Any, Sequence
 
+import ml_collections
 import numpy as np
+import torch
+from absl import app, flags
+from ml_collections import config_flags
 
+from embed import encoders as enc_lib
+from embed import job
 from embed.errors import EmbedError
+from embed.inputs import Item, judge_text
+from eval import texts as T
+from eval.benchmarks import resolve_paths, sugarcrepe
+from lift_jax import cli, config_lib
+from lift_jax.data import records
 
 KS = (1, 5)
 
@@ -44,14 +55,10 @@ KS = (1, 5)
 
 def data_paths(data_root: str) -> dict[str, str]:
   """The SugarCrepe folder and COCO captions file under ``data_root``, as evaluation finds them."""
-  import ml_collections
-
-  from lift_jax import config_lib
-
   c = ml_collections.ConfigDict({"evals": {"data_root": data_root, "benchmarks": {}}})
   config_lib.add_paper_benchmarks(c)
   c.evals.data_root = data_root
-  resolved, _ = config_lib.resolve_eval_paths(c)
+  resolved, _ = resolve_paths(c)
   bench = resolved.evals.benchmarks
   paths = {"sugarcrepe": bench["sugarcrepe"]["data_dir"], "coco": bench["coco"]["captions"]}
   for name, path in paths.items():
@@ -64,13 +71,9 @@ def data_paths(data_root: str) -> dict[str, str]:
 def load_data(data_root: str, limit_images: int | None = None,
               limit_sugarcrepe: int | None = None) -> tuple[dict[str, list[str]], dict]:
   """({COCO file name: [captions]}, {SugarCrepe subset: [(file name, positive, negative)]})."""
-  from eval import benchmarks
-  from eval import texts as T
-
   paths = data_paths(data_root)
   coco = T.read_captions(paths["coco"])
-  spec = benchmarks.SugarCrepeSpec("sugarcrepe", data_dir=paths["sugarcrepe"],
-                                   limit=limit_sugarcrepe)
+  spec = sugarcrepe.Spec("sugarcrepe", data_dir=paths["sugarcrepe"], limit=limit_sugarcrepe)
   rows = spec.rows()
   if limit_images:
     keep = dict(list(coco.items())[:limit_images])
@@ -146,8 +149,6 @@ def sugarcrepe_text(rows: dict[str, list[tuple[str, str, str]]],
 
 def bytes_per_caption(dim: int) -> dict[str, int]:
   """Stored bytes of one vector in each storage dtype (int8 adds its float scale)."""
-  from lift_jax.data import records
-
   out = {}
   for dtype in records.STORAGE_DTYPES:
     data, scale = records.quantize(np.ones(dim, np.float32), dtype)
@@ -162,12 +163,6 @@ def bytes_per_caption(dim: int) -> dict[str, int]:
 
 def embed_texts(cfg, texts: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
   """L2-normalised vectors of ``texts`` (in order) and the cost of computing them."""
-  import torch
-
-  from embed import encoders as enc_lib
-  from embed import job
-  from embed.inputs import Item, judge_text
-
   if cfg.threads:
     torch.set_num_threads(cfg.threads)
   device = enc_lib.resolve_device(cfg.device, 0)
@@ -191,7 +186,7 @@ def embed_texts(cfg, texts: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
   v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
   live = len(texts) - sum(1 for f in result.flags if f)
   cost = {
-      "model": ref.name, "encoder": kind, "pooling": enc_lib.POOLING[kind],
+      "model": ref.name, "encoder": kind, "pooling": enc_lib.architecture(kind).pooling,
       "dim": int(encoder.dim), "device": str(device), "dtype": dtype,
       "max_length": cfg.max_length, "instruction": cfg.instruction,
       "random_init": bool(cfg.random_init), "load_seconds": round(load_seconds, 2),
@@ -207,8 +202,6 @@ def embed_texts(cfg, texts: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
 
 def run(cfg, data_root: str, limit_images: int | None = None,
         limit_sugarcrepe: int | None = None) -> dict[str, Any]:
-  from eval import texts as T
-
   coco, rows = load_data(data_root, limit_images, limit_sugarcrepe)
   needed = [c for caps in coco.values() for c in caps]
   for items in rows.values():
@@ -261,9 +254,6 @@ def _default_data_root() -> str:
 
 def _define_flags() -> None:
   """Defined only when run as a command, so that importing this module defines no flags."""
-  from absl import flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file("config", None, "an embed/configs/*.py file", lock_config=True)
   flags.DEFINE_string("data_root", None, "folder with sugarcrepe/ and coco/annotations/ "
                       "(default: $LIFT_SHARED_DATA or ../shared/data)")
@@ -273,10 +263,6 @@ def _define_flags() -> None:
 
 
 def main(argv) -> int:
-  from absl import app, flags
-
-  from lift_jax import cli
-
   FLAGS = flags.FLAGS  # noqa: N806
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -296,7 +282,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from absl import app as _app
-
   _define_flags()
-  _app.run(main)
+  app.run(main, flags_parser=cli.flags_parser("python -m embed.probe"))

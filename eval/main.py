@@ -21,15 +21,20 @@ exits: the input of ``python -m embed.main --config.texts=FILE`` that makes a LI
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 
+import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lift_jax import cli
+from eval import benchmarks
+from eval.runner import EvalRunner
+from eval.texts import write_texts as write_texts_file
+from lift_jax import checkpoint as ckpt
+from lift_jax import cli, common, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file whose `evals` to run (default: the checkpoint's).",
@@ -50,22 +55,16 @@ COMMAND = "python -m eval.main"
 def resolved(config):
   """The config with benchmark paths joined to evals.data_root; relative paths without a root
   are an error here (training merely skips such benchmarks)."""
-  from eval.benchmarks import BenchmarkConfigError
-  from lift_jax import config_lib
-
-  config, dropped = config_lib.resolve_eval_paths(config)
+  config, dropped = benchmarks.resolve_paths(config)
   if dropped:
-    raise BenchmarkConfigError(
+    raise benchmarks.BenchmarkConfigError(
         f"benchmarks {', '.join(dropped)} have relative paths: set --config.evals.data_root=DIR "
         "(or give absolute paths with --config.evals.benchmarks.NAME.FIELD=PATH)")
   return config
 
 
 def write_texts(config, path: str) -> int:
-  from eval.benchmarks import required_texts
-  from eval.texts import write_texts as write_texts_file
-
-  texts = required_texts(resolved(config).evals)
+  texts = benchmarks.required_texts(resolved(config).evals)
   write_texts_file(path, texts)
   return len(texts)
 
@@ -78,8 +77,6 @@ def format_value(key: str, value: float) -> str:
 
 
 def table(metrics: dict[str, float], seconds: dict[str, float]) -> str:
-  from lift_jax import common
-
   rows = [(k, format_value(k, v)) for k, v in metrics.items()]
   lines = [common.format_table(rows, header=("benchmark/metric", "value (%)"), right=[1]), ""]
   lines.append("wall time per benchmark: " + ", ".join(f"{k} {v:.1f} s"
@@ -90,14 +87,6 @@ def table(metrics: dict[str, float], seconds: dict[str, float]) -> str:
 def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | None = None,
              only: list[str] | None = None) -> dict:
   """Runs the benchmarks on the checkpoint at ``path``; returns (and writes) the report."""
-  import jax
-  import ml_collections
-
-  from eval.benchmarks import BenchmarkConfigError
-  from eval.evaluators import EvalRunner
-  from lift_jax import checkpoint as ckpt
-  from lift_jax import sharding
-
   directory, step = ckpt.resolve(path)  # the step load_model will read
   model, stored = ckpt.load_model(path, dtype=dtype)
   if config is None:
@@ -115,7 +104,7 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
         config.data = ml_collections.ConfigDict()
       config.data.embeddings = trained_on
   if not config.get("evals") or not config.evals.get("benchmarks"):
-    raise BenchmarkConfigError("the config has no evals.benchmarks to run (give --config=CONFIG)")
+    raise benchmarks.BenchmarkConfigError("the config has no evals.benchmarks to run (give --config=CONFIG)")
   config = resolved(config)
   mesh = sharding.make_mesh()
   t0 = time.perf_counter()
@@ -127,12 +116,10 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
       "checkpoint": step_dir, "step": step, "mode": model.mode,
       "metrics": metrics, "seconds": dict(runner.timings), "setup_seconds": setup,
       "devices": f"{mesh.devices.size} x {jax.devices()[0].device_kind}",
-      "benchmarks": {s.name: dataclasses.asdict(s) for s in runner.specs},
+      "benchmarks": {s.name: benchmarks.settings(s) for s in runner.specs},
   }
   if output is None:
-    workdir = os.path.dirname(directory) if os.path.basename(directory) == ckpt.CHECKPOINTS \
-        else directory
-    output = os.path.join(workdir, "eval", f"metrics-{step}.json")
+    output = os.path.join(ckpt.workdir_of(directory), "eval", f"metrics-{step}.json")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
@@ -160,8 +147,6 @@ def run(argv) -> None:
   if not path:
     raise app.UsageError("give --checkpoint=PATH or --workdir=DIR")
   if _SKIP_MISSING.value:
-    from lift_jax import checkpoint as ckpt
-
     config = config if config is not None else ckpt.read_config(path)
     config.evals.skip_missing = True
   evaluate(path, config, output=_OUTPUT.value, dtype=_DTYPE.value, only=_ONLY.value)

@@ -33,6 +33,7 @@ from lift_jax import cli
 from lift_jax import config_lib
 from lift_jax import sharding as shd
 from lift_jax.data import records, transforms
+from lift_jax.data.tokenizer import get_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +201,6 @@ class Predictor:
       if callable(tokenizer):
         self.tokenizer = tokenizer
       elif tokenizer:
-        from lift_jax.data.tokenizer import get_tokenizer
-
         self.tokenizer = get_tokenizer(str(tokenizer), self.context_length)
 
   # ------------------------------------------------------------------ parameters

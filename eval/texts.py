@@ -24,6 +24,7 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from lift_jax import cli, common
 from lift_jax.data.captions import read_captions  # noqa: F401  (part of this module's readers)
 
 SUGARCREPE_SUBSETS = ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel",
@@ -99,8 +100,6 @@ def unique(texts: Iterable[str]) -> list[str]:
 def write_texts(path: str, texts: Sequence[str]) -> None:
   """Writes a texts file for ``python -m embed.main --config.texts=FILE``, atomically: a JSON list
   when ``path`` ends in ``.json``, else one text per line (then no text may hold a line break)."""
-  from lift_jax import cli, common
-
   texts = list(texts)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)

@@ -23,14 +23,18 @@ import json
 import logging
 import os
 import re
+import shutil
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
 from lift_jax import cli, common
+from lift_jax.models.two_tower import TwoTower
 
 PARAMS, TRAIN, DATA, CONFIG = "params", "train", "data", "config"
 CHECKPOINTS = "checkpoints"
@@ -49,8 +53,6 @@ def _handlers(with_data: bool):
   handlers = {PARAMS: ocp.StandardCheckpointHandler(), TRAIN: ocp.StandardCheckpointHandler(),
               CONFIG: ocp.JsonCheckpointHandler()}
   if with_data:
-    import grain
-
     handlers[DATA] = grain.checkpoint.CheckpointHandler()
   return handlers
 
@@ -136,7 +138,7 @@ def open_workdir(workdir: str, config, primary: bool = True) -> str:
   check_writable(workdir)
   check_writable(os.path.join(workdir, CHECKPOINTS))
   config_file = os.path.join(workdir, CONFIG_JSON)
-  has_steps = any(d.isdigit() for d in os.listdir(os.path.join(workdir, CHECKPOINTS)))
+  has_steps = bool(steps(checkpoints_dir(workdir)))
   if has_steps and os.path.exists(config_file):
     with open(config_file, encoding="utf-8") as f:
       check_compatible(json.load(f), config)
@@ -150,8 +152,6 @@ def save_state(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], da
   """Saves a train state (params, the rest of the state, the data iterator, the config) as one
   step. A write that fails (read-only folder, disk full) raises a CheckpointError naming the
   folder and the cause; the steps already written stay as they are."""
-  import grain
-
   args = ocp.args.Composite(**{
       PARAMS: ocp.args.StandardSave(state["params"]),
       TRAIN: ocp.args.StandardSave({k: v for k, v in state.items() if k != "params"}),
@@ -204,8 +204,6 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
   """The train state of ``step``, restored into the shardings of ``state`` (which it
   replaces); the data iterator's position is restored in place. A params-only step (imported
   from PyTorch) gives its parameters and keeps the rest of ``state`` (fresh optimizer, data)."""
-  import grain
-
   step_dir = os.path.join(str(mngr.directory), str(step))
   check_compatible(read_config(step_dir).to_dict(), config)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -221,6 +219,49 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
   return {"params": restored[PARAMS], **restored[TRAIN]}
 
 
+def steps(directory: str) -> list[int]:
+  """The finished steps (a step folder holding ``params``) of a checkpoints folder, ascending."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d, PARAMS)))
+
+
+def checkpoints_dir(workdir: str) -> str:
+  """The checkpoints folder of a workdir."""
+  return os.path.join(workdir, CHECKPOINTS)
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest finished step of a workdir, or None."""
+  found = steps(checkpoints_dir(workdir))
+  return found[-1] if found else None
+
+
+def is_checkpoint(path: str) -> bool:
+  """Whether ``path`` is a lift_jax workdir, checkpoints folder or step folder."""
+  if not os.path.isdir(path):
+    return False
+  return (os.path.isdir(os.path.join(path, CHECKPOINTS)) or
+          os.path.isdir(os.path.join(path, PARAMS)) or bool(steps(path)))
+
+
+def workdir_of(directory: str) -> str:
+  """The workdir of a checkpoints folder (the folder itself when it is not one)."""
+  directory = os.path.abspath(directory)
+  return os.path.dirname(directory) if os.path.basename(directory) == CHECKPOINTS else directory
+
+
+def workdir_config(workdir: str) -> dict[str, Any]:
+  """The ``config.json`` a run wrote into its workdir."""
+  path = os.path.join(workdir, CONFIG_JSON)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
 def resolve(path: str) -> tuple[str, int]:
   """A workdir, checkpoints folder or step folder -> (checkpoints folder, step)."""
   path = os.path.abspath(os.path.expanduser(path))
@@ -231,11 +272,10 @@ def resolve(path: str) -> tuple[str, int]:
   base = os.path.basename(path)
   if base.isdigit() and os.path.isdir(os.path.join(path, PARAMS)):
     return os.path.dirname(path), int(base)
-  steps = sorted(int(d) for d in os.listdir(path)
-                 if d.isdigit() and os.path.isdir(os.path.join(path, d, PARAMS)))
-  if not steps:
+  found = steps(path)
+  if not found:
     raise CheckpointError(f"{path}: holds no finished checkpoint step")
-  return path, steps[-1]
+  return path, found[-1]
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
@@ -291,10 +331,6 @@ def load_model(path: str, dtype: str | None = None):
 
   ``dtype`` overrides the compute dtype stored in the config (e.g. "float32" for exact eval).
   """
-  from flax import nnx
-
-  from lift_jax.models.two_tower import TwoTower
-
   config = read_config(path)
   model_cfg = config.model.to_dict()
   if dtype:
@@ -306,3 +342,34 @@ def load_model(path: str, dtype: str | None = None):
                         nnx.to_pure_dict(abstract_state))
   params, _ = restore_params(path, target)
   return nnx.merge(graphdef, params), config
+
+
+@cli.user_error
+class OutputFolderError(ValueError):
+  """The output folder already holds something an import would sit beside."""
+
+
+def prepare_import_output(output: str, overwrite: bool = False) -> None:
+  """Refuses a non-empty ``output`` for a params-only import: step 0 written beside a training
+  run's later steps would never be read (eval and training take the latest step). With
+  ``overwrite``, the folder's checkpoints and ``config.json`` are removed first; nothing else is
+  touched."""
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise OutputFolderError(f"--output={output} is a file, not a folder")
+  if not os.path.isdir(output) or not os.listdir(output):
+    return
+  held = sorted(os.listdir(output))
+  if not overwrite:
+    folder = checkpoints_dir(output)
+    what = (f"checkpoint steps {sorted(os.listdir(folder))[:5]}" if os.path.isdir(folder)
+            else f"{held[:5]}")
+    raise OutputFolderError(
+        f"--output={output} is not empty (it holds {what}); an import writes step 0 there and "
+        "eval or training would read the latest step instead. Give a new folder, or add "
+        "--overwrite to replace its checkpoints and config.json")
+  for name in (CHECKPOINTS, CONFIG_JSON):
+    path = os.path.join(output, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)

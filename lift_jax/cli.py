@@ -45,12 +45,29 @@ def describe(e: BaseException) -> str | None:
   return None
 
 
+class Interrupted(Exception):
+  """A command stopped by a signal after finishing what it had to (a checkpoint, a child's
+  save): :func:`run` prints the message and exits with 128 + the signal (130 Ctrl-C, 143
+  SIGTERM), without a stack trace."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum, self.exit_code = signum, 128 + int(signum)
+
+
 def run(command: str, main: Callable[..., Any], *args, **kwargs) -> int:
-  """Calls ``main``; a user error becomes one line on stderr and exit status 1. The exit status
-  is what ``main`` returns when that is an int, else 0 (a command may return its result)."""
+  """Calls ``main``; a user error becomes one line on stderr and exit status 1, an
+  :class:`Interrupted` one line and 128 + the signal. The exit status is what ``main`` returns
+  when that is an int, else 0 (a command may return its result)."""
   try:
     status = main(*args, **kwargs)
     return status if isinstance(status, int) else 0
+  except Interrupted as e:
+    print(f"{command}: {e}", file=sys.stderr, flush=True)
+    return e.exit_code
+  except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the stack
+    print(f"{command}: interrupted", file=sys.stderr, flush=True)
+    return 130
   except Exception as e:  # noqa: BLE001 - re-raised unless it is a user error
     message = describe(e)
     if message is None or verbose():
@@ -62,6 +79,12 @@ def run(command: str, main: Callable[..., Any], *args, **kwargs) -> int:
 @user_error
 class UsageError(ValueError):
   """A command line flag is unknown, missing or malformed."""
+
+
+@user_error
+class ConfigError(ValueError):
+  """A config value is wrong (unknown name, impossible shape, out of range); the message names the
+  key (``model.loss``, ``mesh.fsdp``...) and what it accepts."""
 
 
 def parse_flags(flag_values, argv, usage: str) -> None:
@@ -86,31 +109,66 @@ def parse_flags(flag_values, argv, usage: str) -> None:
     raise UsageError(f"unexpected arguments {rest[1:]}; every setting is a --flag=value")
 
 
+def _rewrite(argv: list[str], aliases: dict[str, str] | None) -> list[str]:
+  """Aliases (whole arguments), then a saved config (``--config=...json``) loaded through
+  :mod:`lift_jax.saved_config`."""
+  out = []
+  for a in argv:
+    a = (aliases or {}).get(a, a)
+    if a.startswith("--config=") and a.endswith(".json") and ":" not in a[len("--config="):]:
+      a = f"--config={_SAVED_CONFIG}:{a[len('--config='):]}"
+    out.append(a)
+  return out
+
+
+_SAVED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_config.py")
+
+
 def flags_parser(command: str, aliases: dict[str, str] | None = None):
   """An ``app.run(flags_parser=...)`` that reports bad flags and unknown ``--config.KEY``
   overrides in one line (exit status 1) instead of absl's usage text or a traceback.
 
-  ``aliases`` rewrites whole arguments first (e.g. ``{"--check": "--check=quick"}``).
+  ``aliases`` rewrites whole arguments first (e.g. ``{"--check": "--check=quick"}``);
+  ``--config=FILE.json`` loads a saved config (:mod:`lift_jax.saved_config`).
   """
 
   def parse(argv: list[str]) -> list[str]:
     from absl import flags
 
-    argv = [(aliases or {}).get(a, a) for a in argv]
+    argv = _rewrite(argv, aliases)
     try:
       return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - re-raised when verbose
       if verbose():
         raise
-      message = str(e).strip().strip("\"'")
-      if not isinstance(e, flags.Error):  # ml_collections: a --config.KEY that does not exist
-        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-        named = [o for o in overrides if message in o[len("--config."):].split(".")]
-        if not named:  # e.g. a config file that raises: its traceback is what helps
-          raise
-        message = (f"{named[0]}: no such config key ({message!r}); the fields of every config "
-                   "are listed in the README's configuration reference")
+      message = config_error_message(e, argv)
+      if message is None:  # e.g. a config file that raises: its traceback is what helps
+        raise
       print(f"{command}: error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)
 
   return parse
+
+
+def config_error_message(e: BaseException, argv: list[str]) -> str | None:
+  """The one line for an error parsing the flags: absl's own errors, a ``--config.KEY`` that
+  names no field, a value of the wrong type, a config file that is not one; None for an error
+  inside a config file's own code (its traceback is what helps)."""
+  from absl import flags
+
+  described = describe(e)
+  if described is not None:
+    return described
+  text = str(e).strip()
+  if isinstance(e, flags.Error):
+    return text.strip("\"'") + " (--help lists the flags)"
+  overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  # ml_collections: KeyError/AttributeError("'name'\nDid you mean ...") for an unknown field.
+  first = text.splitlines()[0].strip().strip("\"'") if text else ""
+  named = [o for o in overrides if first and first in o[len("--config."):].split(".")]
+  if isinstance(e, (KeyError, AttributeError)) and named:
+    hint = " ".join(line.strip() for line in text.splitlines()[1:] if line.strip())
+    hint = hint.strip("\"'")
+    return (f"{named[0]}: no such config key" + (f" ({hint})" if hint else "") +
+            "; the README's configuration reference lists every field")
+  return None

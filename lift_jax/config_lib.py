@@ -6,13 +6,13 @@ differs. Optional strings and ints are ml_collections placeholders so ``--config
 
 from __future__ import annotations
 
-import logging
-import os
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
-from lift_jax.data import transforms
+from lift_jax import cli
+from lift_jax.data import synthetic, transforms
 
 # Samples seen -> steps at global batch 16384 (the paper's schedules).
 STEPS = {"128M": 7_816, "512M": 31_264, "1.28B": 78_024}
@@ -90,9 +90,11 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   d.max_skipped_fraction = 0.5
   d.max_image_bytes = config_dict.placeholder(int)
   d.prepare = config_dict.placeholder(str)
+  syn = synthetic.Settings()  # the generator owns these defaults
   d.synthetic = ml_collections.ConfigDict({
-      "dir": config_dict.placeholder(str), "num_train": 20000, "num_eval": 500,
-      "image_size": 64, "seed": 0, "num_shards": 8})
+      "dir": config_dict.placeholder(str), "num_train": syn.num_train,
+      "num_eval": syn.num_eval, "image_size": syn.image_size, "seed": syn.seed,
+      "num_shards": config_dict.placeholder(int)})
   d.embed_config = config_dict.placeholder(str)
 
   e = c.evals = ml_collections.ConfigDict()
@@ -108,6 +110,29 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   e.skip_missing = False
   e.benchmarks = ml_collections.ConfigDict()
   return c
+
+
+def complete(given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """``given`` (a possibly partial config section, e.g. a model dict written by hand or stored
+  by an older run) with every missing key taken from ``defaults``, nested sections included: code
+  that reads a config falls back to these defaults, never to numbers of its own."""
+  if hasattr(given, "to_dict"):
+    given = given.to_dict()
+  if hasattr(defaults, "to_dict"):
+    defaults = defaults.to_dict()
+  out = dict(defaults)
+  for key, value in given.items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      out[key] = complete(value, out[key])
+    else:
+      out[key] = value
+  return out
+
+
+def model_config(model: Mapping[str, Any]) -> dict[str, Any]:
+  """A model section completed with the defaults of its mode (``model.mode``)."""
+  mode = dict(model).get("mode", "lift")
+  return complete(model, base(mode if mode in ("lift", "clip") else "lift").model)
 
 
 DOCS = {
@@ -205,7 +230,7 @@ DOCS = {
     "data.synthetic.num_eval": "Synthetic eval scenes per kind (two-object and one-object).",
     "data.synthetic.image_size": "Synthetic image side in pixels.",
     "data.synthetic.seed": "Seed of the synthetic set.",
-    "data.synthetic.num_shards": "Synthetic training shards.",
+    "data.synthetic.num_shards": "Synthetic training shards (None: one per 10,000 pairs).",
     "data.embed_config": "embed/configs/*.py that data.prepare uses (default minilm.py).",
     "evals.batch_size": "Global eval batch (images per step).",
     "evals.text_bank": "LIFT: folder of the text bank holding every eval text.",
@@ -223,20 +248,16 @@ DOCS = {
     "evals.skip_missing": "Score every benchmark without the images missing from its folder "
                           "(counted as skipped_images) instead of refusing; a benchmark's own "
                           "skip_missing wins.",
-    "evals.benchmarks": "{name: {type: sugarcrepe | zeroshot | retrieval | long_retrieval, "
-                        "...}}; see eval/benchmarks.py for each type's fields. if_present=True: "
-                        "skip the benchmark when its files are not there.",
+    "evals.benchmarks": "{name: {type: TYPE, ...that type's fields}}; the types and their "
+                        "fields are listed in the benchmark reference below (generated from "
+                        "eval/benchmarks/*.py).",
 }
-
-
-PATH_FIELDS = ("data_dir", "image_dir", "captions", "labels", "classnames", "templates",
-               "wnids", "shards", "tfds_data_dir")
 
 
 def add_paper_benchmarks(c: ml_collections.ConfigDict) -> None:
   """SugarCrepe, ImageNet-1K (LIFT protocol), COCO 5k and Flickr30K 1k (LIFT protocol).
 
-  Paths are relative to ``config.evals.data_root`` (see :func:`resolve_eval_paths`)::
+  Paths are relative to ``config.evals.data_root`` (see ``eval.benchmarks.resolve_paths``)::
 
       sugarcrepe/{add_obj,...}.json            coco/val2017/*.jpg
       coco/annotations/captions_val2017.json   imagenet/val/<wnid>/*.JPEG
@@ -261,7 +282,7 @@ def add_paper_benchmarks(c: ml_collections.ConfigDict) -> None:
 
 def add_long_caption_benchmarks(c: ml_collections.ConfigDict) -> None:
   """Urban1k, DOCCI (test) and ShareGPT4V-1k long-caption retrieval (see
-  ``eval/benchmarks.py::LongRetrievalSpec``), each evaluated when its folder is under
+  ``eval/benchmarks/long_retrieval.py``), each evaluated when its folder is under
   ``config.evals.data_root`` and skipped (with a log line) when it is not::
 
       urban1k/image/<id>.jpg  urban1k/caption/<id>.txt
@@ -271,39 +292,6 @@ def add_long_caption_benchmarks(c: ml_collections.ConfigDict) -> None:
   for name in ("urban1k", "docci", "sharegpt4v"):
     c.evals.benchmarks[name] = {"type": "long_retrieval", "format": name, "data_dir": name,
                                 "if_present": True}
-
-
-def resolve_eval_paths(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict,
-                                                                    list[str]]:
-  """Joins relative benchmark paths to ``evals.data_root`` (and applies ``evals.skip_missing``).
-
-  Returns (config copy, names of benchmarks dropped because they have relative paths and no
-  data_root is set: a run whose evaluation data was not given still trains).
-  """
-  config = ml_collections.ConfigDict(config.to_dict())
-  root = config.evals.get("data_root")
-  dropped = []
-  benchmarks = {}
-  for name, bench in (config.evals.get("benchmarks") or {}).items():
-    bench = dict(bench)
-    if_present = bench.pop("if_present", False)  # optional data: skipped when absent
-    relative = [f for f in PATH_FIELDS if isinstance(bench.get(f), str) and bench[f]
-                and not os.path.isabs(bench[f])]
-    if relative and not root:
-      dropped.append(name)
-      continue
-    for f in relative:
-      bench[f] = os.path.join(root, bench[f])
-    absent = [bench[f] for f in PATH_FIELDS if isinstance(bench.get(f), str) and bench[f]
-              and not os.path.exists(bench[f])]
-    if if_present and absent:
-      logging.info("benchmark %s skipped: %s is not there", name, absent[0])
-      continue
-    if config.evals.get("skip_missing") and bench.get("skip_missing") is None:
-      bench["skip_missing"] = True
-    benchmarks[name] = bench
-  config.evals.benchmarks = benchmarks
-  return config, dropped
 
 
 def paper(mode: str, captions: str, samples: str, variant_arg: str | None = None
@@ -325,6 +313,7 @@ def paper(mode: str, captions: str, samples: str, variant_arg: str | None = None
     add_long_caption_benchmarks(c)
   if variant_arg:
     if variant_arg not in ("cos", "sigmoid"):
-      raise ValueError(f"unknown config argument {variant_arg!r}; expected 'cos' or 'sigmoid'")
+      raise cli.ConfigError(f"unknown config argument {variant_arg!r} (--config=FILE:ARG); "
+                            "expected 'cos' or 'sigmoid'")
     c.model.loss = variant_arg
   return c

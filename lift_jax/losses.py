@@ -8,8 +8,14 @@ skip (undecodable image, NaN embedding): they are neither positives nor negative
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
 import jax
 import jax.numpy as jnp
+
+from lift_jax import cli
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _NEG = -1e30  # "minus infinity" that keeps gradients finite
@@ -64,11 +70,79 @@ def cosine_loss(zimg, ztxt, valid=None) -> jax.Array:
   return _mean(1.0 - cos, valid)
 
 
-def contrastive_loss(kind: str, zimg, ztxt, logit_scale=None, logit_bias=None, valid=None):
-  if kind == "softmax":
-    return softmax_loss(zimg, ztxt, logit_scale, valid)
-  if kind == "sigmoid":
-    return sigmoid_loss(zimg, ztxt, logit_scale, logit_bias, valid)
-  if kind == "cos":
-    return cosine_loss(zimg, ztxt, valid)
-  raise ValueError(f"unknown loss {kind!r}; expected softmax, sigmoid or cos")
+# ----------------------------------------------------------------------------------------------
+# The losses a config can name (model.loss): each entry is the whole plug-in
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A contrastive objective and the scalar parameters it owns.
+
+  ``fn(zimg, ztxt, params, valid)`` gets the model's parameters named in ``params`` (a dict);
+  ``params`` maps each name to its initial value, which ``model.<name>_init`` overrides;
+  ``bounds`` clip a parameter after every optimizer step. The model creates the parameters at the
+  top of its tree (``logit_scale``, ``logit_bias``), so checkpoints and weight maps name them
+  the same whatever the loss.
+  """
+  fn: Callable[..., jax.Array]
+  params: Mapping[str, float]
+  bounds: Mapping[str, tuple[float, float]]
+  doc: str
+
+
+# The names a loss's parameters may take: model attributes at the top of the parameter tree.
+PARAMETER_NAMES = ("logit_scale", "logit_bias")
+LOGIT_SCALE_MAX = math.log(100.0)
+_SCALE_BOUNDS = {"logit_scale": (0.0, LOGIT_SCALE_MAX)}
+
+LOSSES: dict[str, Loss] = {
+    "softmax": Loss(
+        lambda zi, zt, p, valid: softmax_loss(zi, zt, p["logit_scale"], valid),
+        params={"logit_scale": math.log(1 / 0.07)}, bounds=_SCALE_BOUNDS,
+        doc="symmetric InfoNCE over the global batch (the paper's)"),
+    "sigmoid": Loss(
+        lambda zi, zt, p, valid: sigmoid_loss(zi, zt, p["logit_scale"], p["logit_bias"], valid),
+        params={"logit_scale": math.log(10.0), "logit_bias": -10.0}, bounds=_SCALE_BOUNDS,
+        doc="SigLIP's pairwise sigmoid"),
+    "cos": Loss(
+        lambda zi, zt, p, valid: cosine_loss(zi, zt, valid),
+        params={}, bounds={}, doc="positive-only cosine ablation, no temperature"),
+}
+
+
+def get(name: str) -> Loss:
+  """The loss called ``name`` (``model.loss``); a ConfigError names the choices."""
+  if name not in LOSSES:
+    raise cli.ConfigError(f"model.loss={name!r}: expected one of {sorted(LOSSES)}")
+  return LOSSES[name]
+
+
+def initial_params(model_cfg: Mapping[str, Any]) -> dict[str, float]:
+  """{parameter name: initial value} of the config's loss, with ``model.<name>_init``
+  overrides; an override of a parameter the loss does not have is a ConfigError."""
+  loss = model_cfg["loss"]
+  owned = get(loss).params
+  out = dict(owned)
+  for key, value in model_cfg.items():
+    if key.endswith("_init") and key[:-len("_init")] in PARAMETER_NAMES and value is not None:
+      name = key[:-len("_init")]
+      if name not in owned:
+        raise cli.ConfigError(f"model.{key}={value!r}, but loss {loss!r} has no {name} (its "
+                              f"parameters: {sorted(owned) or 'none'})")
+      out[name] = float(value)
+  return out
+
+
+def contrastive_loss(kind: str, zimg, ztxt, params: Mapping[str, jax.Array] | None = None,
+                     valid=None) -> jax.Array:
+  """The loss ``kind`` of the (normalised) embeddings; ``params`` holds its own parameters."""
+  return get(kind).fn(zimg, ztxt, dict(params or {}), valid)
+
+
+def constrain(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+  """``params`` (the model's parameter dict) with the loss's parameters clipped to its bounds."""
+  for name, (lo, hi) in get(kind).bounds.items():
+    if name in params:
+      params[name] = jnp.clip(params[name], lo, hi)
+  return params

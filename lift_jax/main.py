@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lift_jax import cli
+from eval.runner import training_runner
+from lift_jax import cli, logs, preflight, prepare, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
@@ -54,8 +56,6 @@ def _multiprocess_environment() -> bool:
 
 
 def init_distributed() -> None:
-  import jax
-
   if FLAGS.local_device_count:
     jax.config.update("jax_num_cpu_devices", FLAGS.local_device_count)
   wanted = FLAGS.distributed == "on" or (FLAGS.distributed == "auto"
@@ -75,21 +75,13 @@ def run(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  from lift_jax.metrics import quiet_libraries
-
-  quiet_libraries()
+  logs.quiet_libraries()
   config = FLAGS.config
   if FLAGS.check:
-    from lift_jax import preflight
-
     table = preflight.check(config, FLAGS.workdir, full=FLAGS.check == "full")
     print(table.format())
     return 1 if table.failed else 0
   init_distributed()
-  import jax
-
-  from lift_jax import prepare, train
-
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
@@ -97,7 +89,7 @@ def run(argv) -> int:
   if FLAGS.prepare_only:
     return 0
   try:
-    train.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir, evaluators=training_runner)
   except train.Preempted as e:
     logging.warning("%s (exit status %d)", e, e.exit_code)
     return e.exit_code

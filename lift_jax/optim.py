@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lift_jax import cli, config_lib
+from lift_jax.sharding import path_str
+
 
 def lr_schedule(base_lr: float, warmup_steps: int, total_steps: int):
   """step -> learning rate, as OpenCLIP's ``cosine_lr`` (evaluated before each update)."""
@@ -60,8 +63,6 @@ def _rules(value) -> list:
 
 def frozen_mask(params, frozen: Sequence[str] | str | None):
   """True where a parameter's path matches one of the ``frozen`` regexes."""
-  from lift_jax.sharding import path_str
-
   patterns = [re.compile(p) for p in _rules(frozen)]
   return jax.tree_util.tree_map_with_path(
       lambda path, _: any(p.search(path_str(path)) for p in patterns), params)
@@ -70,12 +71,11 @@ def frozen_mask(params, frozen: Sequence[str] | str | None):
 def lr_factors(params, multipliers) -> Any:
   """A float per parameter: the factor of the first ``(regex, factor)`` rule its path matches, 1.0
   where none does."""
-  from lift_jax.sharding import path_str
-
   rules = []
   for rule in _rules(multipliers):
     if isinstance(rule, str) or len(rule) != 2:
-      raise ValueError(f"optim.lr_multipliers entries are (regex, factor) pairs, got {rule!r}")
+      raise cli.ConfigError(f"optim.lr_multipliers entries are (regex, factor) pairs, got "
+                            f"{rule!r}")
     rules.append((re.compile(rule[0]), float(rule[1])))
 
   def factor(path, _):
@@ -105,11 +105,13 @@ def _scale_by_factors(multipliers) -> optax.GradientTransformation:
 
 
 def make_optimizer(optim: Mapping[str, Any], total_steps: int):
-  """Returns (optax transformation, schedule)."""
+  """Returns (optax transformation, schedule). Fields ``optim`` leaves out take the config
+  defaults."""
+  optim = config_lib.complete(optim, config_lib.base().optim)
   schedule = lr_schedule(optim["lr"], optim["warmup_steps"], total_steps)
   adamw = optax.adamw(schedule, b1=optim["b1"], b2=optim["b2"], eps=optim["eps"],
                       weight_decay=optim["weight_decay"],
-                      mask=lambda p: decay_mask(p, optim.get("wd_min_ndim", 2)))
+                      mask=lambda p: decay_mask(p, optim["wd_min_ndim"]))
   clip = optim.get("grad_clip_norm")
   # Same state structure with or without clipping, so a resumed run may switch it.
   clipping = optax.clip_by_global_norm(clip) if clip else optax.identity()

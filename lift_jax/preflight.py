@@ -13,9 +13,14 @@ import concurrent.futures
 import os
 from typing import Any, Callable
 
+from eval import benchmarks
+from eval import texts as T
+from eval.predictor import TextBank
 from lift_jax import checkpoint as ckpt
 from lift_jax import cli
 from lift_jax.data import pipeline, records
+from lift_jax.metrics import read_jsonl
+from lift_jax.throughput import format_duration
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -130,8 +135,6 @@ def _eta(config, workdir: str) -> str:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return ""
-  from lift_jax.metrics import format_duration, read_jsonl
-
   rows = [r for r in read_jsonl(path) if isinstance(r.get("step_time_s"), float)]
   if not rows:
     return ""
@@ -140,12 +143,7 @@ def _eta(config, workdir: str) -> str:
 
 
 def _check_evals(config, t: Table) -> None:
-  from eval import benchmarks
-  from eval import evaluators as E
-  from eval import texts as T
-  from lift_jax import config_lib
-
-  resolved, dropped = config_lib.resolve_eval_paths(config)
+  resolved, dropped = benchmarks.resolve_paths(config)
   if dropped:
     t.add("eval paths", WARN, f"{', '.join(dropped)} skipped: relative paths and no "
           "--config.evals.data_root")
@@ -159,7 +157,7 @@ def _check_evals(config, t: Table) -> None:
   texts: list[str] = []
   for spec in specs[2]:
     evaluator = t.run(f"eval {spec.name}", lambda s=spec: (OK, "files and images present",
-                                                           E.make_evaluator(s)))
+                                                           benchmarks.make_evaluator(s)))
     if evaluator:
       texts.extend(evaluator[2].scored_texts())
   if config.model.mode == "lift" and texts:
@@ -167,8 +165,6 @@ def _check_evals(config, t: Table) -> None:
 
 
 def _bank(config, texts: list[str]) -> str | tuple[str, str]:
-  from eval.predictor import TextBank
-
   folder = config.evals.get("text_bank")
   if not folder:
     return FAIL, ("config.evals.text_bank is not set: write the texts with python -m eval.main "
@@ -193,7 +189,6 @@ def _bank(config, texts: list[str]) -> str | tuple[str, str]:
 
 def _workdir(config, workdir: str) -> str:
   workdir = ckpt.open_workdir(workdir, config, primary=False)  # writable, checkpoints fit
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, ckpt.CHECKPOINTS))
-                 if d.isdigit())
+  steps = ckpt.steps(ckpt.checkpoints_dir(workdir))
   return f"{workdir} writable; " + (f"resumes from step {steps[-1]}" if steps
                                     else "starts from step 0")

@@ -26,10 +26,13 @@ import sys
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
+import embed.configs
+from eval.benchmarks import required_texts
+from eval.texts import write_texts
 from lift_jax import cli
-from lift_jax.data import records
-from lift_jax.data import shards
+from lift_jax.data import records, shards, synthetic
 
 
 @cli.user_error
@@ -39,12 +42,9 @@ class PrepareError(RuntimeError):
 log = logging.getLogger(__name__)
 
 
-def _embed_config_path(config) -> str:
-  if config.data.get("embed_config"):
-    return config.data.embed_config
-  import embed  # the package's __init__ is empty: no torch is imported
-
-  return os.path.join(os.path.dirname(embed.__file__), "configs", "minilm.py")
+def embed_config_path(config) -> str:
+  """The embed/configs file of a config: ``data.embed_config``, or embed.configs.DEFAULT."""
+  return config.data.get("embed_config") or embed.configs.DEFAULT
 
 
 def run_embed(embed_config: str, output: str, *, images: str | None = None,
@@ -60,61 +60,75 @@ def run_embed(embed_config: str, output: str, *, images: str | None = None,
     log.info("%s", line)
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """Returns the config with the prepared paths filled in (the input config is not changed)."""
-  if config.data.get("prepare") in (None, "", "None", "none"):
+def wants_preparation(config) -> bool:
+  return config.data.get("prepare") not in (None, "", "None", "none")
+
+
+def prepared_config(config: ml_collections.ConfigDict, workdir: str
+                    ) -> ml_collections.ConfigDict:
+  """The config with the paths preparation writes filled in, without building anything (the
+  input config is not changed): what the preflight checks and ``eval.main`` evaluates. The text
+  bank's folder is named after the evaluation texts, so it is filled only once the evaluation
+  files exist."""
+  if not wants_preparation(config):
     return config
   if config.data.prepare != "synthetic":
     raise PrepareError(f"config.data.prepare={config.data.prepare!r}: the only preparation is "
-                       "'synthetic'; leave it unset (--config.data.prepare=) for data made "
+                       "'synthetic'; leave it unset (--config.data.prepare=None) for data made "
                        "beforehand with lift_jax.data.convert and embed.main")
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
-  syn = config.data.synthetic
-  root = os.path.abspath(syn.get("dir") or os.path.join(workdir, "synthetic"))
-  primary = jax.process_index() == 0
-  embed_config = _embed_config_path(config)
-  tag = os.path.splitext(os.path.basename(embed_config))[0]
-
-  if primary:
-    from lift_jax.data import synthetic
-
-    synthetic.generate(root, num_train=syn.num_train, num_eval=syn.num_eval,
-                       image_size=syn.image_size, seed=syn.seed,
-                       num_shards=syn.get("num_shards"))
+  root = synthetic_root(config, workdir)
+  tag = os.path.splitext(os.path.basename(embed_config_path(config)))[0]
   config.data.images = config.data.get("images") or os.path.join(root, "train")
   if config.evals.get("synthetic_suite"):
-    from lift_jax.data import synthetic
-
     config.evals.benchmarks = synthetic.eval_benchmarks(os.path.join(root, "eval"))
-
   if config.model.mode == "lift":
-    emb = config.data.get("embeddings") or os.path.join(root, f"embeddings-{tag}")
-    n_images = len(records.list_shards(config.data.images, records.IMAGES)) if primary else None
-    if primary:
-      if shards.is_complete(emb, records.EMBEDDINGS, n_images):
-        log.info("caption embeddings ready in %s (skipping the embedding job)", emb)
-      else:
-        run_embed(embed_config, emb, images=config.data.images)
-    config.data.embeddings = emb
-    if config.evals.get("benchmarks") and not config.evals.get("text_bank"):
-      from eval.benchmarks import required_texts
+    config.data.embeddings = config.data.get("embeddings") or os.path.join(root,
+                                                                           f"embeddings-{tag}")
+    if config.evals.get("benchmarks") and not config.evals.get("text_bank") and \
+        synthetic.eval_complete(os.path.join(root, "eval")):
+      config.evals.text_bank = os.path.join(root, f"bank-{tag}-{_digest(required_texts(config.evals))}")
+  return config
 
+
+def synthetic_root(config, workdir: str) -> str:
+  return os.path.abspath(config.data.synthetic.get("dir") or os.path.join(workdir, "synthetic"))
+
+
+def _digest(texts: list[str]) -> str:
+  return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:10]
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Builds what :func:`prepared_config` names and is missing; returns that config."""
+  if not wants_preparation(config):
+    return config
+  prepared_config(config, workdir)  # refuses an unknown preparation before building anything
+  primary = jax.process_index() == 0
+  syn = config.data.synthetic
+  root = synthetic_root(config, workdir)
+  if primary:
+    synthetic.generate(root, synthetic.Settings(
+        num_train=syn.num_train, num_eval=syn.num_eval, image_size=syn.image_size,
+        seed=syn.seed), num_shards=syn.get("num_shards"))
+  config = prepared_config(config, workdir)
+  embed_config = embed_config_path(config)
+  if config.model.mode == "lift" and primary:
+    n_images = len(records.list_shards(config.data.images, records.IMAGES))
+    if shards.is_complete(config.data.embeddings, records.EMBEDDINGS, n_images):
+      log.info("caption embeddings ready in %s (skipping the embedding job)",
+               config.data.embeddings)
+    else:
+      run_embed(embed_config, config.data.embeddings, images=config.data.images)
+    bank = config.evals.get("text_bank")
+    if bank and os.path.dirname(bank) == root:  # a bank preparation names (not the user's)
       texts = required_texts(config.evals)
-      digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:10]
-      bank = os.path.join(root, f"bank-{tag}-{digest}")
-      if primary:
-        if shards.is_complete(bank, records.BANK):
-          log.info("evaluation text bank ready in %s (%d texts)", bank, len(texts))
-        else:
-          from eval.texts import write_texts  # JAX-free
-
-          texts_file = os.path.join(root, f"eval-texts-{digest}.json")
-          write_texts(texts_file, texts)
-          run_embed(embed_config, bank, texts=texts_file)
-      config.evals.text_bank = bank
-
+      if shards.is_complete(bank, records.BANK):
+        log.info("evaluation text bank ready in %s (%d texts)", bank, len(texts))
+      else:
+        texts_file = os.path.join(root, f"eval-texts-{_digest(texts)}.json")
+        write_texts(texts_file, texts)
+        run_embed(embed_config, bank, texts=texts_file)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices("lift_jax.prepare")
   return config

@@ -3,8 +3,8 @@
 ``model.init_from`` names one of
 
 * a Hugging Face CLIP checkpoint: a folder with ``config.json`` and ``*.safetensors``, or a hub id
-  already in the local cache (see :mod:`lift_jax.tools.import_torch` for the name map and for
-  what maps exactly); its config.json is checked, and a checkpoint whose towers would compute
+  already in the local cache (see :mod:`lift_jax.models.weights` for the name map and for what
+  maps exactly); its config.json is checked, and a checkpoint whose towers would compute
   another function here (quick_gelu, another head count) is refused;
 * a lift_jax checkpoint: a workdir, its ``checkpoints`` folder or one step folder (e.g. the
   demo's trained run, or an OpenCLIP/LIFT ``.pt`` converted by ``lift_jax.tools.import_torch``).
@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from lift_jax import cli
+from lift_jax import checkpoint as ckpt
+from lift_jax import cli, config_lib
+from lift_jax.models import weights
 from lift_jax.sharding import path_str
-
-DEFAULT_PARAMS = "^visual/"
 
 
 @cli.user_error
@@ -35,23 +36,11 @@ class InitFromError(ValueError):
   """model.init_from cannot initialise the config's model; the message names what and why."""
 
 
-def _is_lift_checkpoint(path: str) -> bool:
-  from lift_jax import checkpoint as ckpt
-
-  if not os.path.isdir(path):
-    return False
-  return (os.path.isdir(os.path.join(path, ckpt.CHECKPOINTS)) or
-          os.path.isdir(os.path.join(path, ckpt.PARAMS)) or
-          any(d.isdigit() for d in os.listdir(path)))
-
-
 def _flat(tree) -> dict[str, Any]:
   return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _from_lift_checkpoint(source: str, abstract: dict[str, Any], select) -> dict[str, np.ndarray]:
-  from lift_jax import checkpoint as ckpt
-
   try:
     saved, step = ckpt.restore_params(source)
   except ckpt.CheckpointError as e:
@@ -73,19 +62,17 @@ def _from_lift_checkpoint(source: str, abstract: dict[str, Any], select) -> dict
 
 
 def _from_hf(source: str, model_cfg: Mapping[str, Any], params, select) -> dict[str, np.ndarray]:
-  from lift_jax.tools import import_torch
-
   try:
-    state, hf_config = import_torch.load_hf_clip(source)
-    problems = import_torch.hf_config_problems(hf_config, model_cfg)
+    state, hf_config = weights.load_hf_clip(source)
+    problems = weights.hf_config_problems(hf_config, model_cfg)
     if problems:
       raise InitFromError(f"model.init_from={source}: " + "; ".join(problems))
     skipped: list[str] = []
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    loaded = import_torch.convert(state, abstract, select=select.pattern, skipped=skipped)
-  except import_torch.StateDictError as e:
+    loaded = weights.convert(state, abstract, select=select.pattern, skipped=skipped)
+  except weights.StateDictError as e:
     raise InitFromError(f"model.init_from={source}: {e}") from None
-  if (model_cfg.get("pool") or "avg") == "avg" and any(
+  if model_cfg["pool"] == "avg" and any(
       select.search(k) for k in ("visual/ln_post/scale", "visual/transformer")):
     logging.warning(
         "model.init_from=%s: model.pool='avg' averages the patch tokens after ln_post; the "
@@ -100,10 +87,9 @@ def _from_hf(source: str, model_cfg: Mapping[str, Any], params, select) -> dict[
 def load_into(params, model_cfg: Mapping[str, Any]):
   """``params`` (the model's pure dict, possibly sharded) with the selected parameters replaced
   by ``model_cfg['init_from']``'s, each placed as the parameter it replaces."""
-  import re
-
+  model_cfg = config_lib.model_config(model_cfg)
   source = os.path.expanduser(str(model_cfg["init_from"]))
-  pattern = model_cfg.get("init_from_params") or DEFAULT_PARAMS
+  pattern = model_cfg["init_from_params"]
   try:
     select = re.compile(pattern)
   except re.error as e:
@@ -117,11 +103,9 @@ def load_into(params, model_cfg: Mapping[str, Any]):
         f"model.init_from={source} is a PyTorch file; convert it once with `python -m "
         "lift_jax.tools.import_torch --checkpoint=FILE --config=CONFIG --output=DIR` and set "
         "model.init_from=DIR")
-  from lift_jax.tools import import_torch
-
-  if _is_lift_checkpoint(source):
+  if ckpt.is_checkpoint(source):
     loaded = _from_lift_checkpoint(source, abstract, select)
-  elif import_torch.is_hf_checkpoint(source):
+  elif weights.is_hf_checkpoint(source):
     loaded = _from_hf(source, model_cfg, params, select)
   else:
     raise InitFromError(
@@ -138,3 +122,19 @@ def load_into(params, model_cfg: Mapping[str, Any]):
     return value
 
   return jax.tree_util.tree_map_with_path(replace, params)
+
+
+def import_checkpoint(checkpoint: str, config, output: str, overwrite: bool = False) -> str:
+  """Writes the parameters of a PyTorch or Hugging Face checkpoint, converted for ``config``'s
+  model, as a params-only lift_jax checkpoint in ``output``; returns the step folder."""
+  ckpt.prepare_import_output(output, overwrite)
+  model_cfg = config.model.to_dict()
+  if weights.is_hf_checkpoint(checkpoint):
+    state, hf_config = weights.load_hf_clip(checkpoint)
+    problems = weights.hf_config_problems(hf_config, model_cfg)
+    if problems:
+      raise weights.StateDictError(f"{checkpoint}: " + "; ".join(problems))
+  else:
+    state = weights.load_torch_state_dict(checkpoint)
+  params = weights.convert(state, weights.abstract_params(model_cfg))
+  return ckpt.save_params(output, 0, params, config)

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lift_jax import cli
+
 AXES = ("data", "fsdp")
 BATCH = P(AXES)
 
@@ -24,13 +26,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
   if data == -1 and fsdp == -1:
-    raise ValueError("at most one of mesh.data and mesh.fsdp may be -1")
+    raise cli.ConfigError("at most one of mesh.data and mesh.fsdp may be -1")
   if data == -1:
     data = n // fsdp
   if fsdp == -1:
     fsdp = n // data
   if data * fsdp != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not match the {n} devices")
+    raise cli.ConfigError(f"mesh.data={data} x mesh.fsdp={fsdp} does not match the {n} devices "
+                          "(set one of them to -1 to use what is left)")
   return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto, AxisType.Auto),
                        devices=devices)
 

@@ -6,7 +6,7 @@ and optimizer built abstractly then created directly into their shardings), then
 Its collaborators each own one job: :mod:`lift_jax.checkpoint` the workdir and orbax,
 :mod:`lift_jax.data.pipeline` the batches (and the per-reason counts of unusable examples),
 :mod:`lift_jax.metrics` the metric files, throughput/MFU/ETA and ``data_report.json``,
-:func:`eval.evaluators.training_runner` the evaluators. Data preparation (``data.prepare``) is a
+the evaluators the caller hands in (:class:`Evaluators`). Data preparation (``data.prepare``) is a
 step of its own (:mod:`lift_jax.prepare`), run by ``lift_jax.main`` before this module is entered.
 
 A run stopped by SIGTERM or Ctrl-C saves a checkpoint and raises :class:`Preempted`;
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +27,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lift_jax import cli
 from lift_jax import checkpoint as ckpt
-from lift_jax import losses, optim, sharding
+from lift_jax import cli, losses, optim, pretrained, sharding
 from lift_jax.data import pipeline, transforms
-from lift_jax.metrics import MetricWriter, SkipReport, Throughput
-from lift_jax.models.two_tower import LOGIT_SCALE_MAX, TwoTower
+from lift_jax.metrics import MetricWriter
+from lift_jax.skip_report import SkipReport
+from lift_jax import throughput
+from lift_jax.throughput import Throughput
+from lift_jax.models.two_tower import TwoTower
 
 
 @cli.user_error
@@ -57,9 +59,9 @@ class Preempted(Exception):
 
 def make_train_step(graphdef, config, tx, schedule):
   """Returns step(state, batch) -> (state, metrics), a pure function for jax.jit."""
-  model_cfg, data_cfg = config.model, config.data
-  kind = model_cfg.get("loss", "softmax")
-  accum = int(config.optim.get("grad_accum_steps", 1))
+  loss_name, data_cfg = config.model.loss, config.data
+  loss_params = tuple(losses.get(loss_name).params)  # the model parameters the loss reads
+  accum = int(config.optim.grad_accum_steps)
   mean, std = tuple(data_cfg.mean), tuple(data_cfg.std)
 
   def towers(params, images, text):
@@ -67,8 +69,8 @@ def make_train_step(graphdef, config, tx, schedule):
     return model(transforms.normalize(images, mean, std), text)
 
   def loss_of_features(zimg, ztxt, params, valid):
-    return losses.contrastive_loss(kind, zimg, ztxt, params.get("logit_scale"),
-                                   params.get("logit_bias"), valid)
+    return losses.contrastive_loss(loss_name, zimg, ztxt, {k: params[k] for k in loss_params},
+                                   valid)
 
   def simple_grads(params, batch):
     def loss_fn(p):
@@ -107,9 +109,7 @@ def make_train_step(graphdef, config, tx, schedule):
     grads = optim.freeze_grads(grads, config.optim)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    if "logit_scale" in new_params:
-      new_params["logit_scale"] = jnp.clip(new_params["logit_scale"], 0.0, LOGIT_SCALE_MAX)
+    new_params = losses.constrain(loss_name, optax.apply_updates(params, updates))
     # A non-finite loss or gradient leaves the state as it was (and freezes it from then on);
     # the host sees `nonfinite_step` and stops with the last good checkpoint intact.
     healthy = state["nonfinite_step"] < 0
@@ -253,26 +253,31 @@ def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
           "valid": jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=batch_sharding)}
 
 
-def flops_per_step(compiled) -> float | None:
-  """FLOPs of one step per device, from XLA's cost analysis of the compiled program."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis or "flops" not in analysis:
-    return None
-  return float(analysis["flops"])
-
-
 # ==============================================================================================
 # train_and_evaluate
 # ==============================================================================================
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last metrics."""
+class Evaluators(Protocol):
+  """What the loop evaluates with (``eval.runner.EvalRunner`` is one): ``run(params,
+  keep_going=True)`` -> {"<benchmark>/<metric>": value}, and the seconds each benchmark took."""
+  timings: dict[str, float]
+
+  def run(self, params, keep_going: bool = False) -> dict[str, float]:
+    ...
+
+
+# (config, model, mesh) -> Evaluators, or None when the config names no benchmark.
+MakeEvaluators = Callable[[ml_collections.ConfigDict, nnx.Module, jax.sharding.Mesh],
+                          "Evaluators | None"]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       evaluators: MakeEvaluators | None = None) -> dict[str, Any]:
+  """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last metrics.
+
+  ``evaluators`` builds what the run evaluates with (``lift_jax.main`` passes
+  ``eval.runner.training_runner``); None trains without evaluating."""
   # ---------------------------------------------------------------- set-up
   primary = jax.process_index() == 0
   pipeline.require_paths(config)
@@ -303,15 +308,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = ckpt.restore_state(mngr, mngr.latest_step(), state, batches, config)
     logging.info("resumed from step %d of %s", mngr.latest_step(), mngr.directory)
   elif config.model.get("init_from"):  # a pretrained tower, on a fresh run only
-    from lift_jax import pretrained
-
     state = dict(state, params=pretrained.load_into(state["params"], config.model))
   start_step = step = int(jax.device_get(state["step"]))
 
   # ---------------------------------------------------------------- evaluators
-  from eval.evaluators import training_runner
-
-  runner = training_runner(config, nnx.merge(setup.graphdef, state["params"]), mesh)
+  runner = evaluators(config, nnx.merge(setup.graphdef, state["params"]), mesh) \
+      if evaluators else None
 
   # ---------------------------------------------------------------- loop
   writer = MetricWriter(workdir, primary, tensorboard=config.tensorboard, resume_step=start_step)
@@ -358,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       while step < total_steps:
         batch, _ = next(batches)
         if speed.flops is None:
-          speed.compiled(flops_per_step(setup.step.lower(state, batch).compile()))
+          speed.compiled(throughput.flops_per_step(setup.step.lower(state, batch).compile()))
           logging.info("compiled the step: %.3g FLOPs per step per device (XLA cost analysis)",
                        speed.flops)
         with jax.transfer_guard("disallow"):

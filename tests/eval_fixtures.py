@@ -17,12 +17,12 @@ DIM = 16
 
 def lift_model_config() -> dict:
   return dict(mode="lift", variant="Ti/16", vit=dict(VIT), image_size=32, embed_dim=DIM,
-              head_hidden=(32,))
+              head_hidden=(32,), dtype="float32")
 
 
 def clip_model_config(eot_token_id: int = 102, vocab_size: int = 30522) -> dict:
   return dict(mode="clip", variant="Ti/16", vit=dict(VIT), image_size=32, embed_dim=DIM,
-              head_hidden=(), text=dict(vocab_size=vocab_size, context_length=24, width=32,
+              head_hidden=(), dtype="float32", text=dict(vocab_size=vocab_size, context_length=24, width=32,
                                         depth=1, num_heads=2, eot_token_id=eot_token_id))
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import shared_data
 from eval.benchmarks import required_texts
-from eval.evaluators import EvalRunner
+from eval.runner import EvalRunner
 from eval_fixtures import config, lift_model_config, tiny_model, write_bank
 from lift_jax.data import records
 

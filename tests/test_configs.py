@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from eval import benchmarks
 from lift_jax import config_lib
 from lift_jax.tools import config_reference
 
@@ -46,15 +47,15 @@ def test_cos_and_sigmoid_switches():
 
 def test_eval_paths_resolve_against_data_root():
   c = config_reference.load("vitb16_datacomp")
-  resolved, dropped = config_lib.resolve_eval_paths(c)
+  resolved, dropped = benchmarks.resolve_paths(c)
   assert sorted(dropped) == ["coco", "flickr30k", "imagenet", "sugarcrepe"]
   assert not resolved.evals.benchmarks
   c.evals.data_root = "/data/eval"
-  resolved, dropped = config_lib.resolve_eval_paths(c)
+  resolved, dropped = benchmarks.resolve_paths(c)
   assert not dropped
   assert resolved.evals.benchmarks.coco.image_dir == "/data/eval/coco/val2017"
   c.evals.benchmarks.coco.image_dir = "/elsewhere/val2017"
-  assert config_lib.resolve_eval_paths(c)[0].evals.benchmarks.coco.image_dir == "/elsewhere/val2017"
+  assert benchmarks.resolve_paths(c)[0].evals.benchmarks.coco.image_dir == "/elsewhere/val2017"
 
 
 def test_readme_configuration_reference_is_current():

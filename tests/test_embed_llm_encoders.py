@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from embed import encoders, job, nvembed
+from embed import encoders, fixtures, job
 from embed.configs import e5_mistral, qwen3_embedding
 from test_embed_support import captions, minilm_config
 
@@ -45,7 +45,7 @@ def qwen3(tmp_path_factory):
   model = tiny("qwen3", folder)
   # Qwen3-Embedding's tokenizer: byte-level BPE, no BOS, <|endoftext|> appended by the tokenizer,
   # eos_token <|im_end|>, pad <|endoftext|>, left padding.
-  nvembed.write_tokenizer(folder, bos=None, unk=None, eos="<|im_end|>", pad="<|endoftext|>",
+  fixtures.write_tokenizer(folder, bos=None, unk=None, eos="<|im_end|>", pad="<|endoftext|>",
                           add_bos=False, suffix="<|endoftext|>", byte_level=True,
                           padding_side="left", tokenizer_class="Qwen2Tokenizer")
   return folder, model
@@ -55,7 +55,7 @@ def qwen3(tmp_path_factory):
 def mistral(tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("e5"))
   model = tiny("mistral", folder)
-  nvembed.write_tokenizer(folder, pad="</s>")  # Mistral's: BOS prefixed, nothing appended
+  fixtures.write_tokenizer(folder, pad="</s>")  # Mistral's: BOS prefixed, nothing appended
   return folder, model
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from embed import encoders, job, nvembed
+from embed import encoders, fixtures, job, nvembed
 from embed.errors import EmbedError
 from test_embed_support import captions, minilm_config, vectors, write_image_shards
 
@@ -33,7 +33,7 @@ TEXTS = captions(10, seed=3) + ["A", "two dogs and a cat on a red couch", "word 
 def checkpoint(tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("nvembed") / "ckpt")
   # Sharded, with an index, as the released checkpoint is.
-  return nvembed.write_checkpoint(folder, seed=1, max_shard_bytes=60_000, **TINY)
+  return fixtures.write_checkpoint(folder, seed=1, max_shard_bytes=60_000, **TINY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_released_config_gets_nv_embed_defaults(tmp_path):
   print(f"NV-Embed-v2 architecture: {params / 1e9:.2f}B parameters")
   assert 7.8e9 < params < 7.9e9  # Mistral-7B without its LM head (7.11B) + pooling (0.74B)
   # The sizes write_checkpoint is given for the 7B throughput measurement are the same.
-  folder = nvembed.write_checkpoint(str(tmp_path / "v2"), weights=False, **nvembed.NV_EMBED_V2)
+  folder = fixtures.write_checkpoint(str(tmp_path / "v2"), weights=False, **fixtures.NV_EMBED_V2)
   written = nvembed.state_dict_layout(nvembed.read_spec(folder))
   assert sum(math.prod(s) for s in written.values()) == params
   assert ({k: v for k, v in written.items() if ".layers." not in k}
@@ -264,7 +264,7 @@ def test_instruction_masking(checkpoint, tmp_path):
   assert enc.pool_mask(mask)[:, :n].sum() == 0 and enc.pool_mask(mask)[:, n:].all()
   # Without masking (is_mask_instruction false in config.json) the vectors differ.
   other = str(tmp_path / "unmasked")
-  nvembed.write_checkpoint(other, seed=1, instruction_masking=False, **TINY)
+  fixtures.write_checkpoint(other, seed=1, instruction_masking=False, **TINY)
   unmasked = build(other, INSTRUCTION)
   assert unmasked.masked == 0
   texts = TEXTS[:4]
@@ -320,7 +320,7 @@ def test_bad_folders_name_the_problem(checkpoint, tmp_path):
   with pytest.raises(EmbedError, match="cannot fetch nvidia/NV-Embed-v2"):  # offline, not cached
     build("nvidia/NV-Embed-v2")
   noweights = tmp_path / "noweights"
-  nvembed.write_checkpoint(str(noweights), weights=False, **TINY)
+  fixtures.write_checkpoint(str(noweights), weights=False, **TINY)
   with pytest.raises(EmbedError, match="neither model.safetensors nor"):
     build(str(noweights))
 
@@ -347,7 +347,7 @@ def test_embed_job_with_the_paper_config(checkpoint, tmp_path):
 
 
 def test_random_init_needs_no_weights(tmp_path):
-  folder = nvembed.write_checkpoint(str(tmp_path / "arch"), weights=False, **TINY)
+  folder = fixtures.write_checkpoint(str(tmp_path / "arch"), weights=False, **TINY)
   assert not glob.glob(os.path.join(folder, "*.safetensors"))
   enc = build(folder, random_init=True)
   out = embed_all(enc, TEXTS[:5])

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, shared_data
-from eval import benchmarks, evaluators
-from eval.evaluators import MissingImagesError, make_evaluator
+from eval import benchmarks
+from eval.benchmarks import MissingImagesError, make_evaluator
 from eval_fixtures import FakePredictor, stand_in_image
 
 E = np.eye(4, dtype=np.float32)
@@ -177,7 +177,10 @@ print(json.dumps({{"per": per, "total": len(texts), "has": "It is a photo of a t
   assert got["per"] == {"sugarcrepe": 11844, "imagenet": 998, "imagenet_openai": 79840,
                         "coco": 4959, "coco_std": 24794, "flickr8k": 4998}
   assert got["has"] and got["total"] <= sum(got["per"].values())
-  assert evaluators.EVALUATORS.keys() == benchmarks.SPECS.keys()
+  # Every type module is a whole plug-in: a Spec and an Evaluator, found by its file name.
+  assert set(benchmarks.TYPES) == {"sugarcrepe", "zeroshot", "retrieval", "long_retrieval"}
+  for module in benchmarks.TYPES.values():
+    assert callable(module.Spec) and callable(module.Evaluator)
 
 
 def test_flickr30k_csv_test_split_and_coco_json_order(tmp_path):

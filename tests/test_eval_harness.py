@@ -16,7 +16,7 @@ import pytest
 
 from conftest import require, shared_data
 from eval import metrics, reference
-from eval.evaluators import EvalRunner
+from eval.runner import EvalRunner
 from eval.predictor import TextBankError
 from eval.benchmarks import required_texts
 from eval.texts import SUGARCREPE_SUBSETS

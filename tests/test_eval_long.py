@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 from eval import benchmarks
-from eval.evaluators import EvalRunner, MissingImagesError, make_evaluator
-from eval.benchmarks import required_texts
+from eval.benchmarks import MissingImagesError, long_retrieval, make_evaluator, required_texts
+from eval.runner import EvalRunner
 from eval_fixtures import (FakePredictor, clip_model_config, config, lift_model_config,
                            stand_in_image, tiny_model, write_bank)
-from lift_jax import config_lib
 
 E = np.eye(4, dtype=np.float32)
 # Three images and their long captions; the embeddings make the answer computable by hand.
@@ -46,7 +45,7 @@ def write_docci(root, ids=("a", "b", "c")):
                  "description": CAPTIONS[k]})
   rows.append({"example_id": "qual_dev_00001", "split": "qual_dev",
                "image_file": "qual_dev_00001.jpg", "description": "not scored either"})
-  (root / benchmarks.DOCCI_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (root / long_retrieval.DOCCI_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
   return root
 
 
@@ -62,7 +61,7 @@ def write_sharegpt4v(root, ids=("a", "b", "c"), extra=2):
   for j in range(extra):  # after the benchmark's records: not part of it
     records.append({"id": f"x{j}", "image": f"sam/images/x{j}.jpg", "conversations": [
         {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"unused {j}"}]})
-  (root / benchmarks.SHAREGPT4V_FILE).write_text(json.dumps(records))
+  (root / long_retrieval.SHAREGPT4V_FILE).write_text(json.dumps(records))
   return root
 
 
@@ -175,7 +174,7 @@ def test_configs_evaluate_long_captions_when_present(tmp_path):
   c = load("vitb16_recap")
   write_urban1k(tmp_path / "urban1k")
   c.evals.data_root = str(tmp_path)
-  resolved, dropped = config_lib.resolve_eval_paths(c)
+  resolved, dropped = benchmarks.resolve_paths(c)
   assert dropped == []
   # Only Urban1k is under data_root; the others (and the short-caption suites, not optional)...
   assert "urban1k" in resolved.evals.benchmarks

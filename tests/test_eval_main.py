@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import REPO, shared_data
 from eval import main as eval_main
-from eval.evaluators import EvalRunner
+from eval.runner import EvalRunner
 from eval.predictor import TextBankError
 from eval.benchmarks import required_texts
 from eval_fixtures import config, lift_model_config, tiny_model, write_bank

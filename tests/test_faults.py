@@ -15,7 +15,7 @@ from PIL import Image
 
 import fakedata
 from lift_jax import checkpoint as ckpt
-from lift_jax import metrics, preflight, train
+from lift_jax import metrics, preflight, skip_report, train
 from lift_jax.data import pipeline, records
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -92,7 +92,7 @@ def test_nothing_usable_stops_before_any_checkpoint(tmp_path, log_every, stop):
 
 
 def test_skip_report_counts_by_reason_and_applies_both_limits(tmp_path):
-  r = metrics.SkipReport(str(tmp_path), True, max_skipped=None, max_fraction=0.5, sources={})
+  r = skip_report.SkipReport(str(tmp_path), True, max_skipped=None, max_fraction=0.5, sources={})
   assert r.update(1, {"ok": 14, "bad_image": 2}) is None
   assert r.summary({"ok": 14, "bad_image": 2, "nan_embedding": 0}) == "skipped 2 (bad_image 2)"
   # next interval: 24 more examples of which 13 unusable (54% > 50%), cumulative 15 of 40
@@ -100,7 +100,7 @@ def test_skip_report_counts_by_reason_and_applies_both_limits(tmp_path):
   assert "13 of the 24 training examples" in problem and "54%" in problem
   report = json.loads((tmp_path / "data_report.json").read_text())
   assert report["skipped"] == 15 and report["recent"] == {"examples": 24, "skipped": 13}
-  r = metrics.SkipReport(str(tmp_path), True, max_skipped=2, max_fraction=None, sources={})
+  r = skip_report.SkipReport(str(tmp_path), True, max_skipped=2, max_fraction=None, sources={})
   assert r.update(1, {"ok": 14, "bad_image": 2}) is None
   assert "3 training examples were unusable by step 2, more than config.data.max_skipped=2" \
       in r.update(2, {"ok": 29, "bad_image": 3})
@@ -267,22 +267,22 @@ def test_check_eval_rows_bank_coverage_and_settings(data, tmp_path):
 
 def test_undecodable_eval_image_is_a_counted_miss_and_skip_missing_needs_no_skipped_texts(
     tmp_path):
-  from eval.evaluators import EvalRunner
+  from eval.runner import EvalRunner
   from eval.benchmarks import required_texts
   from eval_fixtures import config, lift_model_config, tiny_model, write_bank
-  from lift_jax import config_lib
+  from eval import benchmarks
 
   bench = retrieval_set(tmp_path)
   cfg = config(lift_model_config(), {"r": bench}, text_bank=str(tmp_path / "bank"))
   cfg.evals.skip_missing = False
   texts = [t for t in required_texts(cfg.evals) if t != "caption of image 5"]
   write_bank(cfg.evals.text_bank, texts)  # the missing image's caption is not in the bank
-  from eval.evaluators import MissingImagesError
+  from eval.benchmarks import MissingImagesError
 
   with pytest.raises(MissingImagesError, match="set skip_missing=True"):
-    EvalRunner(config_lib.resolve_eval_paths(cfg)[0], tiny_model("lift"))
+    EvalRunner(benchmarks.resolve_paths(cfg)[0], tiny_model("lift"))
   cfg.evals.skip_missing = True  # as --config.evals.skip_missing=True sets it
-  runner = EvalRunner(config_lib.resolve_eval_paths(cfg)[0], tiny_model("lift"))
+  runner = EvalRunner(benchmarks.resolve_paths(cfg)[0], tiny_model("lift"))
   out = runner.run()
   assert out["r/num_images"] == 5 and out["r/skipped_images"] == 1
   assert out["r/unusable_images"] == 1

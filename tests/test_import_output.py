@@ -11,7 +11,6 @@ from flax import nnx
 from conftest import REPO
 from eval_fixtures import config, lift_model_config, tiny_model
 from lift_jax import checkpoint as ckpt
-from lift_jax.tools import import_torch
 
 
 def training_workdir(path, step):
@@ -27,9 +26,9 @@ def training_workdir(path, step):
 def test_import_into_a_training_workdir_is_refused_in_one_line(tmp_path):
   workdir = str(tmp_path / "run")
   params, cfg = training_workdir(workdir, 40)
-  with pytest.raises(import_torch.OutputFolderError, match=r"not empty .*checkpoint steps \['40'\]"
+  with pytest.raises(ckpt.OutputFolderError, match=r"not empty .*checkpoint steps \['40'\]"
                      r".*--overwrite"):
-    import_torch.prepare_output(workdir)
+    ckpt.prepare_import_output(workdir)
   model_config = tmp_path / "cfg.py"
   model_config.write_text("import ml_collections\ndef get_config():\n"
                           f"  return ml_collections.ConfigDict({{'model': "
@@ -45,16 +44,16 @@ def test_import_into_a_training_workdir_is_refused_in_one_line(tmp_path):
   assert ckpt.resolve(workdir)[1] == 40  # nothing was written
 
   # --overwrite replaces the run's checkpoints and config.json; other files stay.
-  import_torch.prepare_output(workdir, overwrite=True)
+  ckpt.prepare_import_output(workdir, overwrite=True)
   assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
   ckpt.save_params(workdir, 0, params, cfg)  # what the import writes next
   assert ckpt.resolve(workdir)[1] == 0  # eval now reads the imported step
 
 
 def test_new_or_empty_output_is_accepted(tmp_path):
-  import_torch.prepare_output(str(tmp_path / "new"))
+  ckpt.prepare_import_output(str(tmp_path / "new"))
   (tmp_path / "empty").mkdir()
-  import_torch.prepare_output(str(tmp_path / "empty"))
+  ckpt.prepare_import_output(str(tmp_path / "empty"))
   (tmp_path / "file").write_text("x")
-  with pytest.raises(import_torch.OutputFolderError, match="is a file"):
-    import_torch.prepare_output(str(tmp_path / "file"))
+  with pytest.raises(ckpt.OutputFolderError, match="is a file"):
+    ckpt.prepare_import_output(str(tmp_path / "file"))

@@ -91,7 +91,8 @@ def test_one_device_equals_eight(kind):
   valid[5] = False
 
   def f(zi, zt, s, b):
-    return losses.contrastive_loss(kind, zi, zt, s, b, jnp.asarray(valid))
+    return losses.contrastive_loss(kind, zi, zt, {"logit_scale": s, "logit_bias": b},
+                                   jnp.asarray(valid))
 
   grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
   args = (zi, zt, np.float32(2.3), np.float32(-5.0))

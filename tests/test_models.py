@@ -16,7 +16,7 @@ from flax import nnx
 from conftest import require
 from lift_jax.models.two_tower import TwoTower, count_params
 from lift_jax.models.vit import parse_variant
-from lift_jax.tools import import_torch
+from lift_jax.models import weights
 
 torch = require("torch")
 transformers = require("transformers")
@@ -104,7 +104,8 @@ def openclip_state_dict(vision, text=None, head=None, logit_scale=2.0):
 def model_cfg(mode, **kw):
   cfg = dict(mode=mode, variant=f"B/{PATCH}", image_size=IMAGE,
              vit=dict(width=WIDTH, depth=LAYERS, num_heads=HEADS, mlp_dim=4 * WIDTH),
-             embed_dim=24 if mode == "clip" else 40, head_hidden=(32,) if mode == "lift" else ())
+             embed_dim=24 if mode == "clip" else 40, head_hidden=(32,) if mode == "lift" else (),
+             dtype="float32")
   if mode == "clip":
     cfg["text"] = dict(vocab_size=VOCAB, context_length=CONTEXT, width=TEXT_WIDTH, depth=LAYERS,
                        num_heads=HEADS)
@@ -113,8 +114,8 @@ def model_cfg(mode, **kw):
 
 
 def build_from_state_dict(cfg, sd):
-  params = import_torch.convert({k: v.float().numpy() for k, v in sd.items()},
-                                import_torch.abstract_params(cfg))
+  params = weights.convert({k: v.float().numpy() for k, v in sd.items()},
+                                weights.abstract_params(cfg))
   graphdef = nnx.split(nnx.eval_shape(lambda: TwoTower(cfg, rngs=nnx.Rngs(0))))[0]
   return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
 
@@ -218,8 +219,8 @@ def test_import_names_missing_unexpected_and_misshaped_keys():
   del sd["visual.ln_pre.bias"]
   sd["visual.extra.weight"] = np.zeros(3, np.float32)
   sd["text_projection"] = np.zeros((5, 5), np.float32)
-  with pytest.raises(import_torch.StateDictError) as err:
-    import_torch.convert(sd, import_torch.abstract_params(model_cfg("clip")))
+  with pytest.raises(weights.StateDictError) as err:
+    weights.convert(sd, weights.abstract_params(model_cfg("clip")))
   msg = str(err.value)
   assert "visual/ln_pre/bias" in msg and "visual.extra.weight" in msg
   assert "text_projection: checkpoint (5, 5)" in msg

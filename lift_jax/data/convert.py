@@ -546,55 +546,85 @@ def _expand(patterns: Sequence[str], what: str) -> list[str]:
   return paths
 
 
-def convert(output: str, *, tars: Sequence[str] = (), images: str | None = None,
-            captions: str | None = None, extra_captions: Sequence[str] = (),
-            options: Options = Options(), workers: int | None = None, progress: bool = True,
-            overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Converts webdataset ``tars``, or an ``images`` folder with a ``captions`` file.
+# A source format: a function (inputs, options, log) -> Listing, selected by its input flag.
+@dataclasses.dataclass
+class Listing:
+  items: list[tuple[str, tuple, dict[str, Any]]]  # (key, location, record fields), in order
+  report: shards.Report  # what listing skipped, by reason
+  fingerprint: str  # SHA-256 of everything listed that the output depends on
+  source: dict[str, Any]  # the manifest's description of the input
+  fields: list[str]  # the record fields written
 
-  Returns the manifest; see the module docstring for the options and the report.
-  """
-  if bool(tars) == bool(images):
-    raise ConvertError("give either tars or an image folder (with a captions file), not both")
+
+def list_tars(inputs: dict[str, Any], options: Options, log: Callable[[str], None]) -> Listing:
+  """``--tars`` (webdataset tars, with optional ``--extra_captions`` parquet files)."""
+  tar_paths = _expand(inputs["tars"], "tar")
+  extra_captions = inputs.get("extra_captions") or ()
+  report = shards.Report()
+  extra = None
+  if extra_captions:
+    columns = [c for c, _ in options.extra_fields]
+    extra = load_extra_captions(_expand(extra_captions, "parquet"), options.join_field, columns,
+                                report)
+  bad_tars: dict[str, str] = {}
+  items, listing, fingerprint = list_webdataset(tar_paths, options, extra, log, bad_tars)
+  listing.merge(report.to_dict())
+  source = {"type": "webdataset", "tars": [os.path.abspath(p) for p in tar_paths],
+            "bad_tars": {os.path.abspath(p): why for p, why in bad_tars.items()},
+            "extra_captions": [os.path.abspath(p) for p in _expand(extra_captions, "parquet")]
+            if extra_captions else []}
+  fields = ["key", "image", "caption"] + [t for _, t in options.extra_fields if extra_captions]
+  return Listing(items, listing, fingerprint, source, fields + list(options.json_fields))
+
+
+def list_image_folder(inputs: dict[str, Any], options: Options, log: Callable[[str], None]
+                      ) -> Listing:
+  """``--images`` (a folder, searched recursively) with ``--captions``."""
+  del log
+  images, captions = inputs["images"], inputs.get("captions")
+  if not captions:
+    raise ConvertError("an image folder needs --captions")
+  items, listing, fingerprint = list_folder(images, captions, options)
+  source = {"type": "folder", "images": os.path.abspath(images),
+            "captions": os.path.abspath(captions)}
+  return Listing(items, listing, fingerprint, source, ["key", "image", "caption", "captions"])
+
+
+# The source formats, by the input flag that selects each (see the README's "Extending").
+SOURCES: dict[str, Callable[[dict[str, Any], Options, Callable[[str], None]], Listing]] = {
+    "tars": list_tars,
+    "images": list_image_folder,
+}
+
+
+def convert(output: str, *, options: Options = Options(), workers: int | None = None,
+            progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
+            **inputs) -> dict[str, Any]:
+  """Converts the input one source format names (``tars=[...]``, or ``images=DIR`` with
+  ``captions=FILE``; see :data:`SOURCES`). Returns the manifest; see the module docstring for the
+  options and the report."""
+  given = [name for name in SOURCES if inputs.get(name)]
+  if len(given) != 1:
+    raise ConvertError("give one source: " + " or ".join(f"--{n}" for n in SOURCES) +
+                       (", not both" if given else ""))
   listing_start = time.perf_counter()
-  if tars:
-    tar_paths = _expand(tars, "tar")
-    report = shards.Report()
-    extra = None
-    if extra_captions:
-      columns = [c for c, _ in options.extra_fields]
-      extra = load_extra_captions(_expand(extra_captions, "parquet"), options.join_field, columns,
-                                  report)
-    bad_tars: dict[str, str] = {}
-    items, listing, fingerprint = list_webdataset(tar_paths, options, extra, log, bad_tars)
-    listing.merge(report.to_dict())
-    source = {"type": "webdataset", "tars": [os.path.abspath(p) for p in tar_paths],
-              "bad_tars": {os.path.abspath(p): why for p, why in bad_tars.items()},
-              "extra_captions": [os.path.abspath(p) for p in _expand(extra_captions, "parquet")]
-              if extra_captions else []}
-    fields = ["key", "image", "caption"] + [t for _, t in options.extra_fields if extra_captions]
-    fields += list(options.json_fields)
-  else:
-    if not captions:
-      raise ConvertError("an image folder needs --captions")
-    items, listing, fingerprint = list_folder(images, captions, options)
-    source = {"type": "folder", "images": os.path.abspath(images),
-              "captions": os.path.abspath(captions)}
-    fields = ["key", "image", "caption", "captions"]
-  listed = len(items) + sum(listing.section("skipped").values())
+  listing = SOURCES[given[0]](inputs, options, log)
+  items = listing.items
+  listed = len(items) + sum(listing.report.section("skipped").values())
   log(f"listed {listed} samples in {time.perf_counter() - listing_start:.1f} s: {len(items)} to "
       f"convert, {listed - len(items)} skipped while listing")
   num_shards = options.num_shards or max(1, math.ceil(len(items) / shards.SAMPLES_PER_SHARD))
   if not items:
-    raise ConvertError(f"nothing to convert from {source}:\n{listing.summary()}")
+    raise ConvertError(f"nothing to convert from {listing.source}:\n{listing.report.summary()}")
   slices = shards.split_even(items, num_shards)
   identity = {"options": {**options.output_options(), "num_shards": num_shards},
-              "input_sha256": fingerprint, "items": len(items)}
-  info = {"source": source, "fields": fields, "options": identity["options"]}
+              "input_sha256": listing.fingerprint, "items": len(items)}
+  info = {"source": listing.source, "fields": listing.fields, "options": identity["options"]}
   return shards.build_shards(
       output, slices, functools.partial(process_item, options), identity=identity, info=info,
-      base_report=listing, workers=workers if workers is not None else (os.cpu_count() or 1),
-      chunksize=16, progress=progress, overwrite=overwrite, error=ConvertError, log=log)
+      base_report=listing.report,
+      workers=workers if workers is not None else (os.cpu_count() or 1), chunksize=16,
+      progress=progress, overwrite=overwrite, error=ConvertError, log=log)
 
 
 FLAGS = flags.FlagValues()
@@ -605,31 +635,31 @@ flags.DEFINE_multi_string("tars", [], "webdataset tar file or glob; repeatable o
 flags.DEFINE_string("images", None, "image folder (searched recursively)", flag_values=FLAGS)
 flags.DEFINE_string("captions", None, "captions file: TSV, CSV, JSONL or COCO captions_*.json",
                     flag_values=FLAGS)
-flags.DEFINE_string("caption_source", "txt",
+flags.DEFINE_string("caption_source", Options.caption_source,
                     "tars: 'txt' (KEY.txt) or 'json:FIELD' (a field of KEY.json)",
                     flag_values=FLAGS)
 flags.DEFINE_multi_string("extra_captions", [], "tars: parquet file(s) or glob of extra captions "
                           "joined by --join_field", flag_values=FLAGS)
-flags.DEFINE_string("extra_fields", "re_caption:recaption",
+flags.DEFINE_string("extra_fields", ",".join(f"{c}:{f}" for c, f in Options.extra_fields),
                     "COLUMN:FIELD[,COLUMN:FIELD]: parquet columns copied into record fields",
                     flag_values=FLAGS)
-flags.DEFINE_string("join_field", "key", "parquet column matched to the sample key ('key') or to "
+flags.DEFINE_string("join_field", Options.join_field, "parquet column matched to the sample key ('key') or to "
                     "that field of KEY.json (e.g. uid)", flag_values=FLAGS)
-flags.DEFINE_string("json_fields", "", "tars: comma-separated KEY.json fields copied into records "
+flags.DEFINE_string("json_fields", ",".join(Options.json_fields), "tars: comma-separated KEY.json fields copied into records "
                     "(e.g. uid,url)", flag_values=FLAGS)
-flags.DEFINE_integer("limit", 0, "convert only the first N samples of the listing (0: all)",
+flags.DEFINE_integer("limit", Options.limit, "convert only the first N samples of the listing (0: all)",
                      flag_values=FLAGS)
 # Output.
-flags.DEFINE_integer("num_shards", 0,
+flags.DEFINE_integer("num_shards", Options.num_shards,
                      f"number of shards (0: one per {shards.SAMPLES_PER_SHARD} samples)",
                      flag_values=FLAGS)
-flags.DEFINE_integer("resize", 0, "pre-resize: shorter side to N px (bicubic, never enlarged), "
+flags.DEFINE_integer("resize", Options.resize, "pre-resize: shorter side to N px (bicubic, never enlarged), "
                      "saved as JPEG; 0 keeps the source bytes", flag_values=FLAGS)
-flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality for resized and converted images",
+flags.DEFINE_integer("jpeg_quality", Options.jpeg_quality, "JPEG quality for resized and converted images",
                      flag_values=FLAGS)
-flags.DEFINE_integer("min_image_size", 32,
+flags.DEFINE_integer("min_image_size", Options.min_image_size,
                      "skip images whose shorter side is below this (too_small)", flag_values=FLAGS)
-flags.DEFINE_float("max_aspect_ratio", 10.0,
+flags.DEFINE_float("max_aspect_ratio", Options.max_aspect_ratio,
                    "skip images whose longer/shorter side exceeds this (extreme_aspect)",
                    flag_values=FLAGS)
 # Run.

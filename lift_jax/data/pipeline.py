@@ -36,6 +36,7 @@ import numpy as np
 
 from lift_jax import cli
 from lift_jax.data import records, transforms
+from lift_jax.data.tokenizer import get_tokenizer
 
 REASONS = ("ok", "bad_image", "nan_embedding", "flagged_embedding", "missing_caption",
            "large_image")
@@ -173,8 +174,6 @@ class TrainTransform:
       if reason:
         text = np.zeros_like(text)
     else:
-      from lift_jax.data.tokenizer import get_tokenizer
-
       caption = image_rec.get(self.caption_field)
       if not isinstance(caption, str) or not caption.strip():
         reason = REASONS.index("missing_caption")

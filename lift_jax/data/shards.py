@@ -184,19 +184,23 @@ def build_shards(folder: str, shards: Sequence[Sequence[Any]], fn: Callable[[Any
                  unit: str = "images",
                  mismatch_hint: str = "use --overwrite or another output folder",
                  error: type[Exception] | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Writes ``images-i-of-n`` shards of ``fn(item)`` records into ``folder``, resumably.
+                 log: Callable[[str], None] = print, prefix: str = records.IMAGES,
+                 kind: str = "images",
+                 entry_info: Callable[[int], dict[str, Any]] | None = None) -> dict[str, Any]:
+  """Writes ``{prefix}-i-of-n`` shards of ``fn(item)`` records into ``folder``, resumably.
 
   ``identity`` is everything the output depends on (options, a fingerprint of the input): an
   existing manifest with another identity is an error (or discarded with ``overwrite``); with the
   same identity, shards that verify against it are kept. ``error`` is the exception type of the
-  caller's refusals (default :class:`ShardSetError`). Returns the final manifest.
+  caller's refusals (default :class:`ShardSetError`). ``entry_info(i)`` adds fields to shard
+  ``i``'s manifest entry (e.g. the SHA-256 of the image shard an embedding shard mirrors).
+  Returns the final manifest.
   """
   error = error or ShardSetError
   os.makedirs(folder, exist_ok=True)
   identity = normalise(identity)
   n = len(shards)
-  names = [records.shard_name(records.IMAGES, i, n) for i in range(n)]
+  names = [records.shard_name(prefix, i, n) for i in range(n)]
   done: dict[str, dict[str, Any]] = {}
   manifest_path = os.path.join(folder, records.MANIFEST)
   if os.path.exists(manifest_path) and not overwrite:
@@ -205,7 +209,7 @@ def build_shards(folder: str, shards: Sequence[Sequence[Any]], fn: Callable[[Any
                    what="input or options")
     done = verified(folder, old["shards"], names, log)
   # Stale temporaries of a killed run, and shards that no manifest vouches for, are removed.
-  for path in glob.glob(os.path.join(glob.escape(folder), f"{records.IMAGES}-*.array_record*")):
+  for path in glob.glob(os.path.join(glob.escape(folder), f"{prefix}-*.array_record*")):
     name = os.path.basename(path)
     if name in done:
       continue
@@ -219,7 +223,7 @@ def build_shards(folder: str, shards: Sequence[Sequence[Any]], fn: Callable[[Any
     total = Report(base_report.to_dict() if base_report else None)
     for e in entries:
       total.merge(e["report"])
-    return {**(info or {}), "kind": "images", "identity": identity, "num_shards": n,
+    return {**(info or {}), "kind": kind, "identity": identity, "num_shards": n,
             "complete": complete, "shards": entries, "total": sum(e["count"] for e in entries),
             "report": total.to_dict(), "code_version": records.code_version()}
 
@@ -261,6 +265,7 @@ def build_shards(folder: str, shards: Sequence[Sequence[Any]], fn: Callable[[Any
                                   records.UNCOMPRESSED)
       entry["items"] = len(shards[i])
       entry["report"] = report.to_dict()
+      entry.update(entry_info(i) if entry_info else {})
       done[names[i]] = entry
       records.write_manifest(folder, manifest(i == pending[-1]))
   finally:

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lift_jax import cli
+
 LN_EPS = 1e-5
 
 
@@ -58,7 +60,9 @@ class Attention(nnx.Module):
   def __init__(self, width: int, num_heads: int, *, causal: bool, dtype, rngs: nnx.Rngs,
                in_proj_init=None, out_proj_init=None, implementation: str | None = None):
     if width % num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+      raise cli.ConfigError(f"a transformer of width {width} cannot have {num_heads} heads (the "
+                            "width must divide by the head count: model.vit.num_heads, "
+                            "model.text.num_heads)")
     self.num_heads = num_heads
     self.causal = causal
     self.dtype = dtype

@@ -10,21 +10,19 @@ the sigmoid loss a learnable logit bias. The positive-only cosine ablation has n
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lift_jax import cli, config_lib, losses
 from lift_jax.losses import l2_normalize
 from lift_jax.models import layers
 from lift_jax.models.text import TextTransformer
 from lift_jax.models.vit import VisionTransformer, parse_variant
 
 MODES = ("lift", "clip")
-LOSSES = ("softmax", "sigmoid", "cos")
-LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def _dtype(name: str | Any):
@@ -61,24 +59,23 @@ class Projection(nnx.Module):
 class TwoTower(nnx.Module):
 
   def __init__(self, cfg: Mapping[str, Any], *, rngs: nnx.Rngs):
-    mode, loss = cfg["mode"], cfg.get("loss", "softmax")
+    mode = dict(cfg).get("mode")
     if mode not in MODES:
-      raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
-    if loss not in LOSSES:
-      raise ValueError(f"model.loss must be one of {LOSSES}, got {loss!r}")
-    self.mode, self.loss = mode, loss
-    dtype = _dtype(cfg.get("dtype", "float32"))
-    remat = bool(cfg.get("remat", False))
-    attention_impl = cfg.get("attention_impl") or None
-    vit = dict(cfg.get("vit") or {})
-    shape = parse_variant(cfg["variant"], **vit)
-    pool = cfg.get("pool") or ("avg" if mode == "lift" else "tok")
+      raise cli.ConfigError(f"model.mode={mode!r}: expected one of {MODES}")
+    cfg = config_lib.model_config(cfg)  # keys a hand-written dict leaves out: the defaults
+    loss_params = losses.initial_params(cfg)
+    self.mode, self.loss = mode, cfg["loss"]
+    dtype = _dtype(cfg["dtype"])
+    remat = bool(cfg["remat"])
+    attention_impl = cfg["attention_impl"] or None
+    shape = parse_variant(cfg["variant"], **dict(cfg["vit"] or {}))
+    pool = cfg["pool"]
     self.image_size = int(cfg["image_size"])
     self.embed_dim = int(cfg["embed_dim"])
     self.visual = VisionTransformer(shape, self.image_size, pool=pool, dtype=dtype, remat=remat,
                                     attention_impl=attention_impl, rngs=rngs)
     if mode == "lift":
-      widths = tuple(cfg.get("head_hidden") or ()) + (self.embed_dim,)
+      widths = tuple(cfg["head_hidden"] or ()) + (self.embed_dim,)
       self.head = MlpHead(shape.width, widths, dtype=dtype, rngs=rngs)
       self.text = None
     else:
@@ -86,22 +83,15 @@ class TwoTower(nnx.Module):
       t = cfg["text"]
       self.text = TextTransformer(
           vocab_size=int(t["vocab_size"]), context_length=int(t["context_length"]),
-          width=int(t.get("width", 512)), depth=int(t.get("depth", 12)),
-          num_heads=int(t.get("num_heads", 8)), mlp_dim=t.get("mlp_dim"),
+          width=int(t["width"]), depth=int(t["depth"]), num_heads=int(t["num_heads"]),
+          mlp_dim=t.get("mlp_dim"),
           embed_dim=self.embed_dim, eot_token_id=t.get("eot_token_id"), dtype=dtype,
           remat=remat, attention_impl=attention_impl, rngs=rngs)
-    if loss == "cos":
-      self.logit_scale = None
-      self.logit_bias = None
-    else:
-      default_scale = math.log(10.0) if loss == "sigmoid" else math.log(1 / 0.07)
-      init_scale = cfg.get("logit_scale_init")
-      self.logit_scale = nnx.Param(jnp.asarray(
-          default_scale if init_scale is None else init_scale, jnp.float32))
-      bias = cfg.get("logit_bias_init")
-      if bias is None and loss == "sigmoid":
-        bias = -10.0
-      self.logit_bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
+    # The loss's own scalars (losses.LOSSES), at the top of the parameter tree; None where the
+    # loss has none (each attribute is assigned once: nnx fixes its kind at the first).
+    for name in losses.PARAMETER_NAMES:
+      value = loss_params.get(name)
+      setattr(self, name, None if value is None else nnx.Param(jnp.asarray(value, jnp.float32)))
 
   def image_features(self, images: jax.Array) -> jax.Array:
     """Un-normalised image embeddings (after the head/projection), float32."""
@@ -114,7 +104,7 @@ class TwoTower(nnx.Module):
   def encode_text(self, tokens: jax.Array) -> jax.Array:
     """CLIP only: int token ids (batch, length) -> L2-normalised embeddings (float32)."""
     if self.text is None:
-      raise ValueError("a LIFT model has no text tower: its text side is the precomputed "
+      raise cli.ConfigError("a LIFT model has no text tower: its text side is the precomputed "
                        "LLM embedding (see embed/)")
     return l2_normalize(self.text(tokens))
 

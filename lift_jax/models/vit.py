@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lift_jax import cli
 from lift_jax.models import layers
 
 
@@ -43,8 +44,8 @@ def parse_variant(variant: str, **overrides) -> VitShape:
   """'B/16' -> VitShape(768, 12, 3072, 12, 16); keyword overrides replace single fields."""
   m = re.fullmatch(r"(\w+)/(\d+)", variant or "")
   if not m or m[1] not in VARIANTS:
-    raise ValueError(f"unknown ViT variant {variant!r}; expected NAME/PATCH with NAME in "
-                     f"{sorted(VARIANTS)}, e.g. 'B/16'")
+    raise cli.ConfigError(f"model.variant={variant!r}: unknown ViT variant; expected NAME/PATCH "
+                          f"with NAME in {sorted(VARIANTS)}, e.g. 'B/16'")
   width, depth, mlp_dim, heads = VARIANTS[m[1]]
   shape = VitShape(width, depth, mlp_dim, heads, int(m[2]))
   return dataclasses.replace(shape, **{k: v for k, v in overrides.items() if v is not None})
@@ -56,9 +57,10 @@ class VisionTransformer(nnx.Module):
                dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None,
                rngs: nnx.Rngs):
     if image_size % shape.patch_size:
-      raise ValueError(f"image_size {image_size} is not a multiple of patch {shape.patch_size}")
+      raise cli.ConfigError(f"model.image_size={image_size} is not a multiple of the patch size "
+                            f"{shape.patch_size} (model.variant)")
     if pool not in ("avg", "tok"):
-      raise ValueError(f"pool must be 'avg' (LIFT) or 'tok' (CLIP), got {pool!r}")
+      raise cli.ConfigError(f"model.pool={pool!r}: expected 'avg' (LIFT) or 'tok' (CLIP)")
     self.shape = shape
     self.pool = pool
     self.dtype = dtype

@@ -28,6 +28,10 @@ import time
 
 from absl import app, flags
 
+from lift_jax import checkpoint as ckpt
+from lift_jax import cli, common
+from lift_jax.tools import report
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "demo_workdir", "Where data, runs and the report go.")
 flags.DEFINE_bool("quick", False, "A few-minute version that still runs every stage.")
@@ -69,22 +73,11 @@ def overrides(quick: bool, steps: int | None, data_dir: str) -> list[str]:
   return out
 
 
-def finished_step(workdir: str) -> int | None:
-  folder = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(folder):
-    return None
-  steps = [int(d) for d in os.listdir(folder)
-           if d.isdigit() and os.path.isdir(os.path.join(folder, d, "params"))]
-  return max(steps) if steps else None
-
-
 def resolved_total_steps(config: str, extra: list[str]) -> int:
   """total_steps of a config file after the overrides (without building anything)."""
   for arg in extra:
     if arg.startswith("--config.total_steps="):
       return int(arg.split("=", 1)[1])
-  from lift_jax import common
-
   return int(common.load_config_file(config).total_steps)
 
 
@@ -122,7 +115,7 @@ def main(argv):
   for i, (name, config) in enumerate(runs.items()):
     workdir = os.path.join(root, name)
     total = resolved_total_steps(config, extra)
-    done = finished_step(workdir)
+    done = ckpt.latest_step(workdir)
     label = f"[{3 + i}/6] train {name.upper()}"
     if done is not None and done >= total:
       say(f"{label}: finished earlier (step {done}), reusing {workdir}")
@@ -139,7 +132,7 @@ def main(argv):
   results = {}
   for name in runs:
     workdir = os.path.join(root, name)
-    step = finished_step(workdir)
+    step = ckpt.latest_step(workdir)
     out = os.path.join(workdir, "eval", f"demo-metrics-{step}.json")
     if os.path.exists(out):
       say(f"      {name}: evaluated earlier ({out})")
@@ -151,8 +144,6 @@ def main(argv):
       results[name] = json.load(f)
 
   # 6. report
-  from lift_jax.tools import report
-
   path = report.write_report(root, results, timings, quick=FLAGS.quick, reused=reused)
   total_s = time.time() - t_start
   say(f"[6/6] report: {path}")
@@ -161,7 +152,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from lift_jax import cli
-
   app.run(lambda argv: cli.run("python -m lift_jax.tools.demo", main, argv),
           flags_parser=cli.flags_parser("python -m lift_jax.tools.demo"))

@@ -12,7 +12,16 @@ import os
 import statistics
 from typing import Any
 
+import matplotlib
+import numpy as np
+
+from eval.texts import read_sugarcrepe
+from lift_jax import checkpoint as ckpt
+from lift_jax.data import records
 from lift_jax.metrics import read_jsonl
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 Z95 = 1.959964
 
@@ -91,13 +100,7 @@ def text_encoder_gaps(root: str, result: dict[str, Any]) -> dict[str, float]:
   """Per compositional subset, the mean cosine between the positive and the negative caption
   under LIFT's frozen text encoder (from its text bank). Near 1, the fixed text side barely tells
   them apart, which bounds what LIFT can learn there."""
-  import numpy as np
-
-  from eval.texts import read_sugarcrepe
-  from lift_jax.data import records
-
-  with open(os.path.join(root, "lift", "config.json"), encoding="utf-8") as f:
-    bank = json.load(f)["evals"].get("text_bank")
+  bank = ckpt.workdir_config(os.path.join(root, "lift"))["evals"].get("text_bank")
   out = {}
   for name, settings in result.get("benchmarks", {}).items():
     if settings.get("type") != "sugarcrepe" or not bank or not os.path.isdir(bank):
@@ -118,8 +121,7 @@ def training_cost(workdir: str) -> dict[str, Any]:
   times = [m["step_time_s"] for m in train[1:]] or [m["step_time_s"] for m in train]
   flops = next((m.get("flops_per_step_per_device") for m in train
                 if m.get("flops_per_step_per_device")), None)
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = json.load(f)
+  config = ckpt.workdir_config(workdir)
   return {"steps": train[-1]["step"] if train else 0,
           "batch_size": config["batch_size"],
           "step_time_s": statistics.median(times) if times else None,
@@ -129,11 +131,6 @@ def training_cost(workdir: str) -> dict[str, Any]:
 
 
 def plots(root: str, results, costs) -> list[str]:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   colors = {"lift": "#1f77b4", "clip": "#d62728"}
   files = []
   fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -161,8 +158,6 @@ def plots(root: str, results, costs) -> list[str]:
 
 
 def _finish(fig, ax, ylabel: str, title: str, path: str) -> str:
-  import matplotlib.pyplot as plt
-
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.legend()
@@ -190,7 +185,7 @@ def write_report(root: str, results: dict[str, dict[str, Any]], timings: dict[st
   if quick:
     lines += ["*Quick run: a handful of steps on a small set; the numbers show that every stage "
               "works, not what the method reaches.*", ""]
-  lift_cfg = json.load(open(os.path.join(root, "lift", "config.json"), encoding="utf-8"))
+  lift_cfg = ckpt.workdir_config(os.path.join(root, "lift"))
   m = lift_cfg["model"]
   lines += [
       f"Image tower: ViT {m['variant']} at {m['image_size']} px, "
