@@ -9,8 +9,8 @@ trained against NV-Embed-v2 embeddings of the DataComp web captions (128M sample
     python -m lift_jax.main --config=configs/lit_vitb16_datacomp.py:finetune ...
 
 The tower is ``laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K`` (Hugging Face CLIP layout, exact GELU,
-so it imports exactly; see lift_jax/tools/import_torch.py). Nothing is downloaded at run time:
-put it in the Hugging Face cache first (``huggingface-cli download
+so it imports exactly; see lift_jax/models/weights.py). Nothing is downloaded at run time:
+put it in the Hugging Face cache first (``hf download
 laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K``) or pass a local copy with
 ``--config.model.init_from=DIR``. OpenAI's ``openai/clip-vit-base-patch16`` is refused (its
 quick_gelu is not this ViT's function).
@@ -29,14 +29,15 @@ The tower's own ImageNet zero-shot top-1 with its CLIP text tower is 73.5 (DataC
 2304.14108): an upper-end reference, not this run's target.
 """
 
-from lift_jax import config_lib
+from lift_jax import cli, config_lib
 
 TOWER = "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K"
 
 
 def get_config(arg: str | None = None):
   if arg not in (None, "", "finetune"):
-    raise ValueError(f"unknown config argument {arg!r}; expected 'finetune' or nothing")
+    raise cli.ConfigError(f"unknown config argument {arg!r} (--config=FILE:ARG); expected "
+                          "'finetune' or nothing")
   c = config_lib.paper("lift", "short", "1.28B")
   c.total_steps = config_lib.STEPS["128M"]
   m = c.model

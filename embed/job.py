@@ -563,8 +563,9 @@ def verify_shard(output: str, task: Task, entry: dict[str, Any] | None, manifest
   if task.image_sha256 and entry.get("image_sha256") not in (None, task.image_sha256):
     return (f"embedded from another version of its image shard {task.source} (SHA-256 "
             f"{entry['image_sha256'][:12]}... in the embedding manifest, "
-            f"{task.image_sha256[:12]}... now); re-run python -m embed.main without verify to "
-            "redo it")
+            f"{task.image_sha256[:12]}... now); re-run `python -m embed.main "
+            "--config=EMBED_CONFIG --config.images=IMAGES_DIR --config.output=DIR` without "
+            "verify to redo it")
   path = os.path.join(output, task.file)
   if task.items is not None:
     want = [it.key for it in task.items]

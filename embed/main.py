@@ -28,19 +28,23 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 
 
+COMMAND = "python -m embed.main"
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
   if _CONFIG.value is None:
-    raise app.UsageError("--config=embed/configs/<model>.py is required")
+    raise cli.UsageError("--config=embed/configs/<model>.py is required, e.g. "
+                         "--config=embed/configs/minilm.py")
   job.run(_CONFIG.value)  # errors that name the file, shard or key are printed by cli.run
   return 0
 
 
 def command(argv) -> int:
   """``main`` as the command runs it: known errors become one line and exit status 1."""
-  return cli.run("python -m embed.main", main, argv)
+  return cli.run(COMMAND, main, argv)
 
 
 if __name__ == "__main__":
-  app.run(command)
+  app.run(command, flags_parser=cli.flags_parser(COMMAND))

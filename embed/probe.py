@@ -262,25 +262,30 @@ def _define_flags() -> None:
   flags.DEFINE_integer("limit_sugarcrepe", None, "use the first N items of each SugarCrepe file")
 
 
-def main(argv) -> int:
+COMMAND = "python -m embed.probe"
+
+
+def command(argv) -> int:
   FLAGS = flags.FLAGS  # noqa: N806
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE")
   if FLAGS.config is None:
-    raise app.UsageError("--config=embed/configs/<model>.py is required")
+    raise cli.UsageError("--config=embed/configs/<model>.py is required, e.g. "
+                         "--config=embed/configs/minilm.py")
+  report = run(FLAGS.config, FLAGS.data_root or _default_data_root(), FLAGS.limit_images,
+               FLAGS.limit_sugarcrepe)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+  with open(FLAGS.output, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  print(table(report))
+  print(f"\nwrote {FLAGS.output}", file=sys.stderr)
+  return 0
 
-  def body():
-    report = run(FLAGS.config, FLAGS.data_root or _default_data_root(), FLAGS.limit_images,
-                 FLAGS.limit_sugarcrepe)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-    print(table(report))
-    print(f"\nwrote {FLAGS.output}", file=sys.stderr)
 
-  return cli.run("python -m embed.probe", body)
+def main(argv) -> int:
+  return cli.run(COMMAND, command, argv)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=cli.flags_parser("python -m embed.probe"))
+  app.run(main, flags_parser=cli.flags_parser(COMMAND))

@@ -35,6 +35,7 @@ from eval.runner import EvalRunner
 from eval.texts import write_texts as write_texts_file
 from lift_jax import checkpoint as ckpt
 from lift_jax import cli, common, sharding
+from lift_jax.prepare import prepared_config, wants_preparation
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file whose `evals` to run (default: the checkpoint's).",
@@ -92,6 +93,10 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
   if config is None:
     config = stored
   else:
+    # A training config whose data.prepare builds the data: the paths it builds (benchmarks
+    # of the synthetic suite, text bank) are those of the checkpoint's workdir.
+    config = prepared_config(config, ckpt.workdir_of(directory)) \
+        if config.get("data") is not None and wants_preparation(config) else config
     config = ml_collections.ConfigDict(config.to_dict())
     if config.get("model") is not None and \
         ckpt.config_to_dict(config.model) != ckpt.config_to_dict(stored.model):
@@ -104,7 +109,10 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
         config.data = ml_collections.ConfigDict()
       config.data.embeddings = trained_on
   if not config.get("evals") or not config.evals.get("benchmarks"):
-    raise benchmarks.BenchmarkConfigError("the config has no evals.benchmarks to run (give --config=CONFIG)")
+    raise benchmarks.BenchmarkConfigError(
+        "the config names no benchmark (config.evals.benchmarks is empty): give a config with "
+        "benchmarks, e.g. --config=configs/tiny_synthetic.py, or add them with "
+        "--config.evals.benchmarks.NAME.type=... overrides")
   config = resolved(config)
   mesh = sharding.make_mesh()
   t0 = time.perf_counter()
@@ -133,19 +141,21 @@ def evaluate(path: str, config=None, *, output: str | None = None, dtype: str | 
 
 def run(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag=value")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   config = _CONFIG.value
   if _WRITE_TEXTS.value:
     if config is None:
-      raise app.UsageError("--write_texts needs --config")
+      raise cli.UsageError("--write_texts needs --config=CONFIG (the config whose benchmarks' "
+                           "texts to write)")
     n = write_texts(config, _WRITE_TEXTS.value)
     print(f"wrote {n} texts to {_WRITE_TEXTS.value}")
     return
   path = _CHECKPOINT.value or _WORKDIR.value
   if not path:
-    raise app.UsageError("give --checkpoint=PATH or --workdir=DIR")
+    raise cli.UsageError("give --workdir=DIR (a training run) or --checkpoint=PATH (a workdir, "
+                         "its checkpoints folder or a step folder)")
   if _SKIP_MISSING.value:
     config = config if config is not None else ckpt.read_config(path)
     config.evals.skip_missing = True
@@ -156,5 +166,18 @@ def main(argv) -> int:
   return cli.run(COMMAND, run, argv)
 
 
+def saved_config_for_overrides(argv: list[str]) -> list[str]:
+  """``--config.KEY=VALUE`` without ``--config``: the overrides apply to the config stored with
+  the checkpoint (``--workdir`` or ``--checkpoint``)."""
+  if any(a.startswith("--config=") for a in argv) or \
+      not any(a.startswith("--config.") for a in argv):
+    return argv
+  path = next((a.split("=", 1)[1] for a in argv
+               if a.startswith(("--checkpoint=", "--workdir="))), None)
+  if path is None:
+    return argv  # the parser then says what is missing
+  return [argv[0], f"--config={cli.saved_config_path()}:{os.path.abspath(path)}", *argv[1:]]
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser(COMMAND))
+  app.run(main, flags_parser=cli.flags_parser(COMMAND, rewrite=saved_config_for_overrides))

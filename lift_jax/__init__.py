@@ -15,7 +15,7 @@ def load(path: str, dtype: str | None = None):
   L2-normalised embeddings the loss compares; for CLIP models ``model.encode_text(token_ids)``
   does the same for text. The config is at ``model.config``.
   """
-  from lift_jax.checkpoint import load_model
+  from lift_jax.checkpoint import load_model  # here: `import lift_jax` must not load JAX
 
   model, config = load_model(path, dtype=dtype)
   model.config = config

@@ -12,6 +12,7 @@ This module imports nothing heavy: the PyTorch embedding job uses it without JAX
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -109,6 +110,11 @@ def parse_flags(flag_values, argv, usage: str) -> None:
     raise UsageError(f"unexpected arguments {rest[1:]}; every setting is a --flag=value")
 
 
+def saved_config_path() -> str:
+  """The config file that loads a saved config (:mod:`lift_jax.saved_config`)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_config.py")
+
+
 def _rewrite(argv: list[str], aliases: dict[str, str] | None) -> list[str]:
   """Aliases (whole arguments), then a saved config (``--config=...json``) loaded through
   :mod:`lift_jax.saved_config`."""
@@ -116,27 +122,27 @@ def _rewrite(argv: list[str], aliases: dict[str, str] | None) -> list[str]:
   for a in argv:
     a = (aliases or {}).get(a, a)
     if a.startswith("--config=") and a.endswith(".json") and ":" not in a[len("--config="):]:
-      a = f"--config={_SAVED_CONFIG}:{a[len('--config='):]}"
+      a = f"--config={saved_config_path()}:{a[len('--config='):]}"
     out.append(a)
   return out
 
 
-_SAVED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_config.py")
-
-
-def flags_parser(command: str, aliases: dict[str, str] | None = None):
+def flags_parser(command: str, aliases: dict[str, str] | None = None,
+                 rewrite: Callable[[list[str]], list[str]] | None = None):
   """An ``app.run(flags_parser=...)`` that reports bad flags and unknown ``--config.KEY``
   overrides in one line (exit status 1) instead of absl's usage text or a traceback.
 
-  ``aliases`` rewrites whole arguments first (e.g. ``{"--check": "--check=quick"}``);
-  ``--config=FILE.json`` loads a saved config (:mod:`lift_jax.saved_config`).
+  ``aliases`` rewrites whole arguments first (e.g. ``{"--check": "--check=quick"}``),
+  ``rewrite`` the argument list; ``--config=FILE.json`` loads a saved config
+  (:mod:`lift_jax.saved_config`).
   """
 
   def parse(argv: list[str]) -> list[str]:
     from absl import flags
 
-    argv = _rewrite(argv, aliases)
+    argv = _rewrite(rewrite(argv) if rewrite else argv, aliases)
     try:
+      check_config_argument(argv)
       return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - re-raised when verbose
       if verbose():
@@ -151,24 +157,51 @@ def flags_parser(command: str, aliases: dict[str, str] | None = None):
 
 
 def config_error_message(e: BaseException, argv: list[str]) -> str | None:
-  """The one line for an error parsing the flags: absl's own errors, a ``--config.KEY`` that
-  names no field, a value of the wrong type, a config file that is not one; None for an error
-  inside a config file's own code (its traceback is what helps)."""
+  """The one line for an error parsing the flags: a user error raised while loading the config
+  (ml_collections wraps it), absl's own errors, a ``--config.KEY`` that names no field or that
+  comes without ``--config``; None for an error in a config file's own code (its traceback is
+  what helps)."""
   from absl import flags
 
-  described = describe(e)
-  if described is not None:
-    return described
+  cause, seen = e, set()
+  while cause is not None and id(cause) not in seen:  # ml_collections re-raises inside except,
+    seen.add(id(cause))  # as the same type with the traceback in its text: look past those
+    if describe(cause) is not None and \
+        not str(cause).startswith("Error whilst parsing config file"):
+      return describe(cause)
+    cause = cause.__cause__ or cause.__context__
   text = str(e).strip()
-  if isinstance(e, flags.Error):
-    return text.strip("\"'") + " (--help lists the flags)"
   overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-  # ml_collections: KeyError/AttributeError("'name'\nDid you mean ...") for an unknown field.
-  first = text.splitlines()[0].strip().strip("\"'") if text else ""
-  named = [o for o in overrides if first and first in o[len("--config."):].split(".")]
-  if isinstance(e, (KeyError, AttributeError)) and named:
-    hint = " ".join(line.strip() for line in text.splitlines()[1:] if line.strip())
-    hint = hint.strip("\"'")
-    return (f"{named[0]}: no such config key" + (f" ({hint})" if hint else "") +
-            "; the README's configuration reference lists every field")
-  return None
+  for override in overrides:  # ml_collections: KeyError/AttributeError naming the missing field
+    parts = override[len("--config."):].split(".")
+    if isinstance(e, (KeyError, AttributeError)) and any(
+        f"'{p}'" in text or f"\\'{p}\\'" in text for p in parts):
+      hint = re.search(r'Did you mean "([^"]+)"', text)
+      return (f"{override}: no such config key" +
+              (f" (did you mean --config.{'.'.join(parts[:-1] + [hint[1]])}?)" if hint else "") +
+              "; the README's configuration reference lists every field")
+  if isinstance(e, AttributeError) and "has no attribute 'get_config'" in text:  # Python's words
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+    return (f"--config={path.split(':')[0]} defines no get_config(): a config file returns its "
+            "ConfigDict from get_config() (see configs/*.py)")
+  if not isinstance(e, flags.Error):
+    return None
+  if "Error whilst parsing config file" in text:
+    return None
+  unknown = re.search(r"Unknown command line flag '(config\.[\w.]+)", text)
+  if unknown:
+    return (f"--{unknown[1]} needs --config=FILE before it: overrides change a config file's "
+            "fields")
+  return text.splitlines()[0] + " (--help lists the flags)"
+
+
+def check_config_argument(argv: list[str]) -> None:
+  """``--config=PATH``: PATH exists and is a config (a .py file, or a saved .json)."""
+  for a in argv:
+    if a.startswith("--config="):
+      path = a[len("--config="):].split(":", 1)[0]
+      if not os.path.exists(path):
+        raise UsageError(f"--config={path}: no such file")
+      if os.path.isdir(path) or not path.endswith((".py", ".json")):
+        raise UsageError(f"--config={path} is not a config file: give a configs/*.py file (or a "
+                         "workdir's saved config.json)")

@@ -30,6 +30,8 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.keep_checkpoint_every_steps = config_dict.placeholder(int)
   c.async_checkpoints = True
+  c.fresh_start_if_damaged = False
+  c.lock_stale_seconds = 600.0
   c.tensorboard = True
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1,
                                       "num_devices": config_dict.placeholder(int)})
@@ -43,7 +45,8 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   m.vit = ml_collections.ConfigDict({"width": config_dict.placeholder(int),
                                      "depth": config_dict.placeholder(int),
                                      "mlp_dim": config_dict.placeholder(int),
-                                     "num_heads": config_dict.placeholder(int)})
+                                     "num_heads": config_dict.placeholder(int),
+                                     "patch_size": config_dict.placeholder(int)})
   m.loss = "softmax"
   m.logit_scale_init = config_dict.placeholder(float)
   m.logit_bias_init = config_dict.placeholder(float)
@@ -52,6 +55,7 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   m.attention_impl = config_dict.placeholder(str)
   m.init_from = config_dict.placeholder(str)
   m.init_from_params = "^visual/"
+  m.tower_shape = "config"
   if mode == "lift":
     m.embed_dim = 4096
     m.head_hidden = (4096,)
@@ -78,6 +82,7 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   d.images = config_dict.placeholder(str)
   d.embeddings = config_dict.placeholder(str)
   d.caption_field = "caption"
+  d.allow_new_data = False
   d.tokenizer = config_dict.placeholder(str)
   d.crop_scale = (0.9, 1.0)
   d.crop_ratio = (3 / 4, 4 / 3)
@@ -141,12 +146,18 @@ DOCS = {
                    "are 7,816 / 31,264 / 78,024.",
     "batch_size": "Global batch (all devices, all processes); the contrastive loss uses all of "
                   "it as negatives.",
-    "log_every_steps": "Metrics to metrics.jsonl, TensorBoard and the log every N steps.",
-    "checkpoint_every_steps": "Checkpoint every N steps (and at the end, and on SIGTERM).",
+    "log_every_steps": "Metrics to metrics.jsonl, TensorBoard and the log every N steps (and at "
+                       "the end); 0 = at the end only.",
+    "checkpoint_every_steps": "Checkpoint every N steps (and at the end, and on SIGTERM); 0 = at "
+                              "the end only.",
     "eval_every_steps": "Run `evals` every N steps; 0 = at the end only.",
     "keep_checkpoints": "How many of the latest checkpoints to keep (None = all).",
     "keep_checkpoint_every_steps": "Also keep every checkpoint whose step divides by N.",
     "async_checkpoints": "Write checkpoints in the background.",
+    "fresh_start_if_damaged": "When every checkpoint of the workdir is damaged (moved aside as "
+                              "<step>.damaged), start again from step 0 instead of stopping.",
+    "lock_stale_seconds": "The workdir's lock.json, not refreshed for this long, is taken over "
+                          "(its holder is gone); a live holder refreshes it every quarter.",
     "tensorboard": "Write TensorBoard event files (needs tensorflow; metrics.jsonl is always "
                    "written).",
     "mesh.data": "Data-parallel axis size; -1 = the devices left after fsdp.",
@@ -164,6 +175,7 @@ DOCS = {
     "model.vit.depth": "Override the variant's depth.",
     "model.vit.mlp_dim": "Override the variant's MLP width.",
     "model.vit.num_heads": "Override the variant's head count.",
+    "model.vit.patch_size": "Override the variant's patch size (the /N of model.variant).",
     "model.loss": "'softmax' (symmetric InfoNCE, the paper's), 'sigmoid' (SigLIP) or 'cos' "
                   "(positive-only cosine ablation).",
     "model.logit_scale_init": "Initial log logit scale; None = ln(1/0.07) (sigmoid: ln 10). "
@@ -177,7 +189,12 @@ DOCS = {
                        "(config.json + *.safetensors) or cached hub id, or a lift_jax checkpoint "
                        "(see lift_jax/pretrained.py); None = random init.",
     "model.init_from_params": "Regex over parameter paths taken from model.init_from "
-                              "(default the image tower, '^visual/').",
+                              "(default the image tower, '^visual/'); re.search, so '^' anchors "
+                              "it at the start of the path.",
+    "model.tower_shape": "'config': the ViT shape is model.variant + model.vit.* (model.init_from "
+                         "must match it; every mismatch is listed with the key to set); "
+                         "'init_from': width, depth, heads, MLP width, patch and image size are "
+                         "read from model.init_from's own config.",
     "model.embed_dim": "Width of the compared embeddings: the text encoder's (NV-Embed-v2: "
                        "4096; MiniLM: 384) for LIFT, the projection's for CLIP.",
     "model.head_hidden": "LIFT head hidden widths: Linear(width -> h) -> GELU -> ... -> "
@@ -201,13 +218,17 @@ DOCS = {
     "optim.grad_accum_steps": "Split each global batch into N micro-batches; the gradient of "
                               "the global-batch loss stays exact (embeddings cached).",
     "optim.frozen": "Regexes over parameter paths (e.g. '^visual/'): matching parameters "
-                    "stay bit-identical and hold no optimizer state.",
-    "optim.lr_multipliers": "(regex, factor) pairs, first match wins: the parameter's AdamW "
-                            "update (weight decay included) is scaled by factor.",
+                    "stay bit-identical and hold no optimizer state. A rule matches anywhere in "
+                    "the path (re.search): 'ln_' freezes every LayerNorm, '^visual/' the tower.",
+    "optim.lr_multipliers": "(regex, factor) pairs, first match wins (re.search, anywhere in "
+                            "the path): the parameter's AdamW update (weight decay included) is "
+                            "scaled by factor.",
     "data.images": "Folder of images-*.array_record shards.",
     "data.embeddings": "LIFT: folder of embeddings-*.array_record aligned with data.images.",
     "data.caption_field": "Caption field the CLIP baseline tokenises ('caption' or "
                           "'recaption').",
+    "data.allow_new_data": "Resume on data whose manifests differ from the data the checkpoints "
+                           "were trained on (refused otherwise).",
     "data.tokenizer": "CLIP: Hugging Face tokenizer, hub id or local folder.",
     "data.crop_scale": "RandomResizedCrop area range.",
     "data.crop_ratio": "RandomResizedCrop aspect-ratio range.",

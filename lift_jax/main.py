@@ -9,22 +9,24 @@ Exit status: 0 finished; 1 an error the message names (one line; ``LIFT_VERBOSE=
 stack); 143 stopped by SIGTERM (preemption) and 130 by Ctrl-C, after saving a checkpoint:
 re-run to resume.
 
-Multi-process runs: on TPU pods and under SLURM, ``jax.distributed.initialize()`` finds its peers
-by itself (``--distributed=auto`` turns it on when such an environment is detected); elsewhere pass
-``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every process.
+Multi-process runs: on TPU pods and under SLURM (``srun``), ``jax.distributed.initialize()`` finds
+its peers by itself (``--distributed=auto`` turns it on when such an environment is detected);
+elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every
+process. When one process is lost, the others stop within ``--lost_host_timeout`` seconds
+(:mod:`lift_jax.hosts`); re-running every process resumes.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from eval.runner import training_runner
-from lift_jax import cli, logs, preflight, prepare, train
+from lift_jax import checkpoint as ckpt
+from lift_jax import cli, hosts, logs, preflight, prepare, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
@@ -36,6 +38,9 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (explicit multi-process).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
 flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-process).")
+flags.DEFINE_float("lost_host_timeout", hosts.DEFAULT_LOST_HOST_TIMEOUT,
+                   "Several processes: when one is lost (killed, out of memory, preempted), the "
+                   "others stop within this many seconds, naming it.")
 flags.DEFINE_integer("local_device_count", None,
                      "CPU only: how many CPU devices this process exposes (testing).")
 flags.DEFINE_bool("prepare_only", False,
@@ -45,35 +50,25 @@ flags.DEFINE_enum("check", None, ["quick", "full"],
                   "(0 = ready). --check alone = quick; full also hashes every shard.")
 flags.mark_flags_as_required(["config", "workdir"])
 COMMAND = "python -m lift_jax.main"
+ALIASES = {"--check": "--check=quick"}
 
 
-def _multiprocess_environment() -> bool:
-  if FLAGS.coordinator_address:
-    return True
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-
-
-def init_distributed() -> None:
+def init_distributed() -> hosts.Watchdog | None:
+  """jax.distributed for several processes (given by flags, or detected: TPU pod slices, SLURM
+  under srun); the lost-host watchdog. Nothing for one process."""
   if FLAGS.local_device_count:
     jax.config.update("jax_num_cpu_devices", FLAGS.local_device_count)
-  wanted = FLAGS.distributed == "on" or (FLAGS.distributed == "auto"
-                                         and _multiprocess_environment())
+  wanted = FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and (
+      FLAGS.coordinator_address or hosts.cluster_detected()))
   if not wanted:
-    return
-  kwargs = {}
-  if FLAGS.coordinator_address:
-    kwargs = dict(coordinator_address=FLAGS.coordinator_address,
-                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kwargs)
+    return None
+  return hosts.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                          lost_host_timeout=FLAGS.lost_host_timeout)
 
 
 def run(argv) -> int:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag=value")
   logging.getLogger().setLevel(logging.INFO)
   logs.quiet_libraries()
   config = FLAGS.config
@@ -81,18 +76,21 @@ def run(argv) -> int:
     table = preflight.check(config, FLAGS.workdir, full=FLAGS.check == "full")
     print(table.format())
     return 1 if table.failed else 0
-  init_distributed()
+  ckpt.check_writable(FLAGS.workdir, create=False)  # a file in the way, a read-only parent
+  watchdog = init_distributed()
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  config = prepare.prepare_data(config, FLAGS.workdir)
-  if FLAGS.prepare_only:
-    return 0
   try:
-    train.train_and_evaluate(config, FLAGS.workdir, evaluators=training_runner)
-  except train.Preempted as e:
-    logging.warning("%s (exit status %d)", e, e.exit_code)
-    return e.exit_code
+    config = prepare.prepare_data(config, FLAGS.workdir)
+    if not FLAGS.prepare_only:
+      train.train_and_evaluate(config, FLAGS.workdir, evaluators=training_runner)
+  except Exception:  # noqa: BLE001 - re-raised; a lost peer is named first (then we exit 1)
+    if watchdog is not None:
+      watchdog.wait_for_verdict()
+    raise
+  if watchdog is not None:
+    watchdog.finish()
   return 0
 
 
@@ -101,4 +99,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser(COMMAND, {"--check": "--check=quick"}))
+  app.run(main, flags_parser=cli.flags_parser(COMMAND, ALIASES))

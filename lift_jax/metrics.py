@@ -14,7 +14,12 @@ import os
 import time
 from typing import Any, Mapping
 
-from lift_jax import common
+from lift_jax import cli, common
+
+
+@cli.user_error
+class MetricsError(OSError):
+  """A metric file cannot be written (a full disk, a read-only folder); the message names it."""
 
 
 def _clu_writer(logdir: str, primary: bool):
@@ -70,8 +75,13 @@ class MetricWriter:
     if self._jsonl is not None:
       row = {"step": int(step), "time": time.time()}
       row.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
-      self._jsonl.write(json.dumps(row) + "\n")
-      self._jsonl.flush()
+      try:
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+      except OSError as e:
+        raise MetricsError(f"could not write {self._jsonl.name} ({e.strerror or e}); free space "
+                           "or fix the folder, then re-run to resume from the last checkpoint"
+                           ) from None
     if self._clu is not None:
       self._clu.write_scalars(int(step), clean)
       self._clu.flush()

@@ -52,7 +52,7 @@ def decay_mask(params, min_ndim: int = 2):
   return jax.tree.map(lambda p: jnp.ndim(p) >= min_ndim, params)
 
 
-def _rules(value) -> list:
+def rules(value) -> list:
   """A config's rule list (tuple, list, or one regex string) as a list."""
   if not value:
     return []
@@ -61,9 +61,14 @@ def _rules(value) -> list:
   return list(value)
 
 
+def frozen_rules(optim: Mapping[str, Any] | None) -> list[str]:
+  """The ``optim.frozen`` rules of an optimizer config (none without one)."""
+  return rules((optim or {}).get("frozen"))
+
+
 def frozen_mask(params, frozen: Sequence[str] | str | None):
   """True where a parameter's path matches one of the ``frozen`` regexes."""
-  patterns = [re.compile(p) for p in _rules(frozen)]
+  patterns = [re.compile(p) for p in rules(frozen)]
   return jax.tree_util.tree_map_with_path(
       lambda path, _: any(p.search(path_str(path)) for p in patterns), params)
 
@@ -71,16 +76,16 @@ def frozen_mask(params, frozen: Sequence[str] | str | None):
 def lr_factors(params, multipliers) -> Any:
   """A float per parameter: the factor of the first ``(regex, factor)`` rule its path matches, 1.0
   where none does."""
-  rules = []
-  for rule in _rules(multipliers):
+  compiled = []
+  for rule in rules(multipliers):
     if isinstance(rule, str) or len(rule) != 2:
       raise cli.ConfigError(f"optim.lr_multipliers entries are (regex, factor) pairs, got "
                             f"{rule!r}")
-    rules.append((re.compile(rule[0]), float(rule[1])))
+    compiled.append((re.compile(rule[0]), float(rule[1])))
 
   def factor(path, _):
     name = path_str(path)
-    return next((f for p, f in rules if p.search(name)), 1.0)
+    return next((f for p, f in compiled if p.search(name)), 1.0)
 
   return jax.tree_util.tree_map_with_path(factor, params)
 
@@ -88,7 +93,7 @@ def lr_factors(params, multipliers) -> Any:
 def freeze_grads(grads, optim: Mapping[str, Any]):
   """Zero gradients for the frozen parameters (no-op without ``optim.frozen``): XLA then drops
   their weight-gradient computations, and the logged gradient norm covers trainable ones only."""
-  if not _rules(optim.get("frozen")):
+  if not rules(optim.get("frozen")):
     return grads
   mask = frozen_mask(grads, optim.get("frozen"))
   return jax.tree.map(lambda g, m: jnp.zeros_like(g) if m else g, grads, mask)
@@ -115,8 +120,8 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int):
   clip = optim.get("grad_clip_norm")
   # Same state structure with or without clipping, so a resumed run may switch it.
   clipping = optax.clip_by_global_norm(clip) if clip else optax.identity()
-  frozen = _rules(optim.get("frozen"))
-  multipliers = _rules(optim.get("lr_multipliers"))
+  frozen = rules(optim.get("frozen"))
+  multipliers = rules(optim.get("lr_multipliers"))
   if multipliers:
     adamw = optax.chain(adamw, _scale_by_factors(multipliers))
   if not frozen:

@@ -16,9 +16,11 @@ from typing import Any, Callable
 from eval import benchmarks
 from eval import texts as T
 from eval.predictor import TextBank
+from eval.runner import check_bank_encoder
 from lift_jax import checkpoint as ckpt
-from lift_jax import cli
+from lift_jax import cli, pretrained, startup
 from lift_jax.data import pipeline, records
+from lift_jax.prepare import prepared_config, wants_preparation
 from lift_jax.metrics import read_jsonl
 from lift_jax.throughput import format_duration
 
@@ -79,12 +81,19 @@ def _hash_all(folder: str, manifest: dict[str, Any], threads: int) -> str | tupl
 
 
 def check(config, workdir: str, full: bool = False, threads: int | None = None) -> Table:
-  """The preflight table of a training config (see the module docstring)."""
+  """The preflight table of a training config (see the module docstring). Writes nothing."""
   t = Table()
-  data, model = config.data, config.model
   threads = threads or min(32, 4 * (os.cpu_count() or 1))
-  prepared_later = bool(data.get("prepare")) and not data.get("images")
-  if prepared_later:
+  t.run("config values", lambda: startup.check_config(config))
+  prepared = t.run("data preparation", lambda: _prepared(config, workdir))
+  config = prepared[2] if prepared else config
+  resolved = t.run("tower shape", lambda: (OK, _tower_shape(config),
+                                           pretrained.resolve_shape(config)))
+  config = resolved[2] if resolved else config
+  t.run("pretrained tower", lambda: startup.check_init_from(config))
+  t.run("topology", lambda: startup.check_topology(config))
+  data, model = config.data, config.model
+  if wants_preparation(config) and not os.path.isdir(data.images or ""):
     t.add("data", WARN, f"data.prepare={data.prepare!r} builds the data: run with "
           "--prepare_only first to check it")
   elif t.run("data paths", lambda: _paths(config)) is not None:
@@ -106,8 +115,27 @@ def check(config, workdir: str, full: bool = False, threads: int | None = None) 
       t.add("schedule", OK, f"{config.total_steps} steps x {config.batch_size} = {samples:,} "
             f"samples, {samples / max(n, 1):.2f} epochs of {n:,} records" + _eta(config, workdir))
   _check_evals(config, t)
-  t.run("workdir", lambda: _workdir(config, workdir))
+  if t.run("workdir", lambda: _workdir(config, workdir)) is not None:
+    t.run("workdir lock", lambda: startup.check_lock(config, workdir))
+    t.run("resume", lambda: startup.check_resume(config, workdir, full=full))
   return t
+
+
+def _prepared(config, workdir: str):
+  """The paths data preparation fills in (nothing is built)."""
+  if not wants_preparation(config):
+    return OK, "none (data made beforehand)", config
+  out = prepared_config(config, workdir)
+  built = os.path.isdir(out.data.images or "")
+  return (OK if built else WARN), (f"data.prepare={config.data.prepare!r}: "
+                                   + ("built" if built else "not built yet") + f" in "
+                                   f"{os.path.dirname(out.data.images)}"), out
+
+
+def _tower_shape(config) -> str:
+  if config.model.get("tower_shape", "config") == "config":
+    return "model.variant and model.vit.* (model.tower_shape='config')"
+  return f"from model.init_from={config.model.init_from} (model.tower_shape='init_from')"
 
 
 def _paths(config) -> str:
@@ -167,28 +195,17 @@ def _check_evals(config, t: Table) -> None:
 def _bank(config, texts: list[str]) -> str | tuple[str, str]:
   folder = config.evals.get("text_bank")
   if not folder:
-    return FAIL, ("config.evals.text_bank is not set: write the texts with python -m eval.main "
-                  "--config=... --write_texts=FILE, embed them with python -m embed.main "
-                  "--config.texts=FILE")
+    return FAIL, ("config.evals.text_bank is not set: write the texts with `python -m eval.main "
+                  "--config=CONFIG --write_texts=FILE`, embed them with `python -m embed.main "
+                  "--config=embed/configs/minilm.py --config.texts=FILE --config.output=DIR`, "
+                  "then set --config.evals.text_bank=DIR")
   bank = TextBank(folder, int(config.model.embed_dim))
-  missing = bank.missing(texts)
-  if missing:
-    return FAIL, (f"{len(missing)} of {len(texts)} texts missing from {folder} (e.g. "
-                  f"{missing[0]!r}): re-make the bank from eval.main --write_texts")
-  if config.data.get("embeddings") and os.path.isdir(config.data.embeddings):
-    train = records.read_manifest(config.data.embeddings)
-    diffs = [f"{k}: bank {bank.manifest.get(k)!r}, training {train.get(k)!r}"
-             for k in records.ENCODER_SETTINGS
-             if k in bank.manifest and k in train and bank.manifest[k] != train[k]]
-    if diffs and not config.evals.get("allow_encoder_mismatch"):
-      return FAIL, (f"{folder} was embedded with other settings than the training embeddings "
-                    f"({'; '.join(diffs)}): re-make it with the training embeddings' config, or "
-                    "set config.evals.allow_encoder_mismatch=True")
-  return f"{len(texts)} texts, all in {folder}"
+  bank.check(texts)  # what the run's Predictor checks before step 0
+  allowed = check_bank_encoder(config)  # the run's own comparison with the training embeddings
+  note = f"; encoder differences allowed: {'; '.join(allowed)}" if allowed else ""
+  return f"{len(texts)} texts, all in {folder}{note}"
 
 
 def _workdir(config, workdir: str) -> str:
-  workdir = ckpt.open_workdir(workdir, config, primary=False)  # writable, checkpoints fit
-  steps = ckpt.steps(ckpt.checkpoints_dir(workdir))
-  return f"{workdir} writable; " + (f"resumes from step {steps[-1]}" if steps
-                                    else "starts from step 0")
+  workdir = ckpt.open_workdir(workdir, config, primary=False, write=False)
+  return f"{workdir} writable, its checkpoints fit the config"

@@ -23,11 +23,13 @@ import re
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 
 from lift_jax import checkpoint as ckpt
-from lift_jax import cli, config_lib
+from lift_jax import cli, config_lib, optim
 from lift_jax.models import weights
+from lift_jax.models.vit import parse_variant
 from lift_jax.sharding import path_str
 
 
@@ -57,7 +59,6 @@ def _from_lift_checkpoint(source: str, abstract: dict[str, Any], select) -> dict
         + "; ".join(filter(None, [f"missing {missing[:5]}" if missing else "",
                                   f"mis-shaped {misshaped[:5]}" if misshaped else ""]))
         + ". Use a checkpoint of the same architecture or narrow model.init_from_params")
-  logging.info("model.init_from: %d parameters from %s (step %d)", len(wanted), source, step)
   return {k: saved[k] for k in wanted}
 
 
@@ -78,15 +79,113 @@ def _from_hf(source: str, model_cfg: Mapping[str, Any], params, select) -> dict[
         "model.init_from=%s: model.pool='avg' averages the patch tokens after ln_post; the "
         "pretrained tower was trained through its class token (HF's pooler_output), so this "
         "feature is new to it. model.pool='tok' keeps the pretrained feature exactly.", source)
-  flat = _flat(loaded)
-  logging.info("model.init_from: %d parameters from %s; %d of its tensors not used "
-               "(model.init_from_params=%r)", len(flat), source, len(skipped), select.pattern)
-  return flat
+  if skipped:
+    logging.info("model.init_from=%s: %d of its tensors are not used (model.init_from_params=%r)",
+                 source, len(skipped), select.pattern)
+  return _flat(loaded)
 
 
-def load_into(params, model_cfg: Mapping[str, Any]):
+def source_kind(source: str) -> str:
+  """"lift" (a lift_jax checkpoint) or "hf" (a Hugging Face CLIP folder or cached hub id); a
+  source that is neither is an InitFromError saying what it is instead."""
+  source = os.path.expanduser(source)
+  if source.endswith((".pt", ".pth", ".bin")) and os.path.isfile(source):
+    raise InitFromError(
+        f"model.init_from={source} is a PyTorch file; convert it once with `python -m "
+        "lift_jax.tools.import_torch --checkpoint=FILE --config=CONFIG --output=DIR` and set "
+        "model.init_from=DIR")
+  if ckpt.is_checkpoint(source):
+    return "lift"
+  if weights.is_hf_checkpoint(source):
+    return "hf"
+  what = "does not exist" if not os.path.exists(source) else "is a folder of neither kind"
+  raise InitFromError(
+      f"model.init_from={source} {what}: give a lift_jax checkpoint (workdir, checkpoints folder "
+      "or step folder) or a Hugging Face CLIP folder (config.json + *.safetensors) or a hub id "
+      "already in the local cache")
+
+
+SHAPE_KEYS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+
+
+def config_shape(model_cfg: Mapping[str, Any]) -> dict[str, int]:
+  """The image tower's shape a model config describes (model.vit.* and model.image_size)."""
+  vit = parse_variant(model_cfg["variant"], **dict(model_cfg.get("vit") or {}))
+  return {**{k: getattr(vit, k) for k in SHAPE_KEYS}, "image_size": int(model_cfg["image_size"])}
+
+
+def source_shape(source: str) -> dict[str, int]:
+  """The image tower's shape of ``model.init_from`` (from its own config; no tensor is read)."""
+  try:
+    if source_kind(source) == "lift":
+      return config_shape(config_lib.model_config(ckpt.read_config(source).model))
+    return weights.hf_vision_shape(weights.hf_config_file(source))
+  except (weights.StateDictError, ckpt.CheckpointError) as e:
+    raise InitFromError(f"model.init_from={source}: {e}") from None
+
+
+def shape_problems(model_cfg: Mapping[str, Any]) -> list[str]:
+  """Every difference between the config's tower shape and model.init_from's, each with the key
+  that fixes it ([] when they agree, or without init_from)."""
+  if not model_cfg.get("init_from"):
+    return []
+  mine, theirs = config_shape(model_cfg), source_shape(str(model_cfg["init_from"]))
+  out = []
+  for key, value in theirs.items():
+    if mine[key] != value:
+      flag = "model.image_size" if key == "image_size" else f"model.vit.{key}"
+      out.append(f"--config.{flag}={value} (the config has {mine[key]})")
+  return out
+
+
+def resolve_shape(config):
+  """With ``model.tower_shape='init_from'``, the config with the tower's shape read from
+  model.init_from (the input config is not changed); otherwise the config itself."""
+  model = config.model
+  if model.get("tower_shape", "config") == "config":
+    return config
+  if model.tower_shape != "init_from":
+    raise cli.ConfigError(f"model.tower_shape={model.tower_shape!r}: expected 'config' or "
+                          "'init_from'")
+  if not model.get("init_from"):
+    raise cli.ConfigError("model.tower_shape='init_from' needs model.init_from (the checkpoint "
+                          "whose shape the tower takes)")
+  shape = source_shape(str(model.init_from))
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key in SHAPE_KEYS:
+    config.model.vit[key] = shape[key]
+  config.model.image_size = shape["image_size"]
+  return config
+
+
+def check(model_cfg: Mapping[str, Any]) -> str:
+  """What a run starting from model.init_from checks before building anything: the source is
+  there and of a known kind, its tensors compute what ours do (HF: activation, heads, epsilon),
+  and its shape is the config's (every mismatch at once, with the keys to set)."""
+  source = str(model_cfg["init_from"])
+  kind = source_kind(source)
+  problems = []
+  if kind == "hf":
+    try:
+      problems += weights.hf_config_problems(weights.hf_config_file(source), model_cfg,
+                                             vision_heads=False)
+    except weights.StateDictError as e:
+      raise InitFromError(f"model.init_from={source}: {e}") from None
+  problems += shape_problems(model_cfg)
+  if problems:
+    raise InitFromError(f"model.init_from={source} does not fit the config's model; set "
+                        + "; ".join(problems) + " (or --config.model.tower_shape=init_from to "
+                        "take the tower's shape from the checkpoint)")
+  shape = source_shape(source)
+  return (f"{'lift_jax checkpoint' if kind == 'lift' else 'Hugging Face CLIP'} {source}: tower "
+          f"width {shape['width']}, depth {shape['depth']}, {shape['num_heads']} heads, patch "
+          f"{shape['patch_size']}, {shape['image_size']} px, as the config")
+
+
+def load_into(params, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any] | None = None):
   """``params`` (the model's pure dict, possibly sharded) with the selected parameters replaced
-  by ``model_cfg['init_from']``'s, each placed as the parameter it replaces."""
+  by ``model_cfg['init_from']``'s, each placed as the parameter it replaces. One log line says
+  what was loaded and what ``optim_cfg['frozen']`` keeps fixed."""
   model_cfg = config_lib.model_config(model_cfg)
   source = os.path.expanduser(str(model_cfg["init_from"]))
   pattern = model_cfg["init_from_params"]
@@ -98,19 +197,10 @@ def load_into(params, model_cfg: Mapping[str, Any]):
   if not any(select.search(k) for k in abstract):
     raise InitFromError(f"model.init_from_params={pattern!r} matches no parameter of the model "
                         f"(paths look like {next(iter(abstract))!r})")
-  if source.endswith((".pt", ".pth", ".bin")) and os.path.isfile(source):
-    raise InitFromError(
-        f"model.init_from={source} is a PyTorch file; convert it once with `python -m "
-        "lift_jax.tools.import_torch --checkpoint=FILE --config=CONFIG --output=DIR` and set "
-        "model.init_from=DIR")
-  if ckpt.is_checkpoint(source):
+  if source_kind(source) == "lift":
     loaded = _from_lift_checkpoint(source, abstract, select)
-  elif weights.is_hf_checkpoint(source):
-    loaded = _from_hf(source, model_cfg, params, select)
   else:
-    raise InitFromError(
-        f"model.init_from={source}: neither a lift_jax checkpoint (workdir, checkpoints folder or "
-        "step folder) nor a Hugging Face CLIP folder (config.json + *.safetensors) or hub id")
+    loaded = _from_hf(source, model_cfg, params, select)
 
   def replace(path, leaf):
     value = loaded.get(path_str(path))
@@ -121,7 +211,15 @@ def load_into(params, model_cfg: Mapping[str, Any]):
       return jax.device_put(value, leaf.sharding)
     return value
 
-  return jax.tree_util.tree_map_with_path(replace, params)
+  out = jax.tree_util.tree_map_with_path(replace, params)
+  frozen_rules = optim.frozen_rules(optim_cfg)
+  frozen = [k for k, m in _flat(optim.frozen_mask(params, frozen_rules)).items() if m]
+  size = lambda names: sum(int(np.prod(abstract[k].shape)) for k in names)  # noqa: E731
+  logging.info("model.init_from: loaded %d tensors (%s parameters) from %s into %s; frozen by "
+               "optim.frozen=%s: %d tensors (%s parameters), %s trained", len(loaded),
+               f"{size(loaded):,}", source, pattern, list(frozen_rules), len(frozen),
+               f"{size(frozen):,}", f"{size(abstract) - size(frozen):,}")
+  return out
 
 
 def import_checkpoint(checkpoint: str, config, output: str, overwrite: bool = False) -> str:

@@ -37,7 +37,8 @@ class SkipReport:
     detail = f" ({', '.join(f'{k} {v}' for k, v in by.items())})" if by else ""
     return f"skipped {sum(by.values())}{detail}"
 
-  def update(self, step: int, counts: Mapping[str, int]) -> str | None:
+  def update(self, step: int, counts: Mapping[str, int], digest: int | None = None
+             ) -> str | None:
     counts = {k: int(v) for k, v in counts.items()}
     previous = self._previous or {k: 0 for k in counts}
     self._previous = counts
@@ -62,8 +63,12 @@ class SkipReport:
           "recent": {"examples": recent_seen, "skipped": recent_skipped},
           "limits": {"max_skipped": self.max_skipped,
                      "max_skipped_fraction": self.max_fraction},
-          "data": self.sources, "stopped": problem})
+          "data": self.sources, "stopped": problem,
+          # An order-sensitive digest of every (step, record) the run trained on: equal for
+          # an uninterrupted run and one resumed on any topology (lift_jax.data.pipeline).
+          "examples_digest": None if digest is None else f"{digest:016x}"})
     if problem:
       return (f"{problem}; counts by reason in {self.path} ({self.summary(counts)}). Fix or "
-              "drop the named shards (python -m lift_jax.main ... --check), or raise the limit")
+              "drop the named shards (`python -m lift_jax.main --config=CONFIG --workdir=WORKDIR "
+              "--check`), or raise the limit")
     return None

@@ -16,7 +16,6 @@ A run stopped by SIGTERM or Ctrl-C saves a checkpoint and raises :class:`Preempt
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -27,14 +26,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jax.experimental import multihost_utils
+
 from lift_jax import checkpoint as ckpt
-from lift_jax import cli, losses, optim, pretrained, sharding
+from lift_jax import cli, losses, optim, pretrained, sharding, startup, throughput
 from lift_jax.data import pipeline, transforms
+from lift_jax.lock import WorkdirLock
 from lift_jax.metrics import MetricWriter
-from lift_jax.skip_report import SkipReport
-from lift_jax import throughput
-from lift_jax.throughput import Throughput
 from lift_jax.models.two_tower import TwoTower
+from lift_jax.skip_report import SkipReport
+from lift_jax.throughput import Throughput
 
 
 @cli.user_error
@@ -42,14 +43,14 @@ class TrainingError(RuntimeError):
   """The run cannot go on (non-finite loss, too many bad records, incompatible workdir)."""
 
 
-class Preempted(Exception):
+class Preempted(cli.Interrupted):
   """Raised after a run stopped by a signal saved its checkpoint; re-running resumes it."""
 
   def __init__(self, step: int, signum: int):
     name = signal.Signals(signum).name
     super().__init__(f"stopped at step {step} by {name} after saving a checkpoint; re-run the "
-                     "same command to resume")
-    self.step, self.exit_code = step, 128 + int(signum)
+                     "same command to resume", signum)
+    self.step = step
 
 
 # ==============================================================================================
@@ -139,8 +140,9 @@ def make_train_step(graphdef, config, tx, schedule):
 
 
 class Preemption:
-  """SIGTERM or Ctrl-C -> save and stop (a second Ctrl-C interrupts at once). Multi-process runs
-  agree through jax's preemption sync point."""
+  """SIGTERM or Ctrl-C -> save at the end of the current step, then stop (a second Ctrl-C
+  interrupts at once). Several processes agree through JAX's preemption sync point, which
+  catches SIGTERM itself (a Python handler there would silence it)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -158,21 +160,16 @@ class Preemption:
     del frame
     if self.signum == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt
-    logging.warning("%s received: saving a checkpoint, then stopping",
+    logging.warning("%s received: saving a checkpoint at the end of this step, then stopping",
                     signal.Signals(signum).name)
     self.signum = signum
 
   def check(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self.signum is not None
-    from jax.experimental import multihost_utils
-
-    try:
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.signum = self.signum or signal.SIGTERM
-        return True
-    except Exception:  # no preemption service (e.g. local CPU processes)
-      pass
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signum = self.signum or signal.SIGTERM
+      return True
     return False
 
   def restore(self):
@@ -180,15 +177,26 @@ class Preemption:
       signal.signal(sig, previous)
 
 
-def reason_counts(batches: pipeline.Batches) -> dict[str, int]:
-  """The unusable-example counts by reason, summed over every process."""
-  local = batches.reason_counts
+def global_counts(batches: pipeline.Batches) -> tuple[dict[str, int], int]:
+  """The unusable-example counts by reason and the examples digest, over every process."""
+  local = list(batches.reason_counts.values())
+  digest = batches.digest
   if jax.process_count() == 1:
-    return local
-  from jax.experimental import multihost_utils
+    return dict(zip(pipeline.REASONS, local)), digest
+  # JAX gathers 32-bit integers (x64 is off): the 64-bit digest travels as four 16-bit pieces.
+  pieces = [(digest >> (16 * i)) & 0xFFFF for i in range(4)]
+  rows = np.asarray(multihost_utils.process_allgather(np.asarray(local + pieces, np.int64)))
+  total = [int(x) for x in rows.reshape(jax.process_count(), -1).sum(0)]
+  merged = sum(piece << (16 * i) for i, piece in enumerate(total[-4:])) & (2**64 - 1)
+  return dict(zip(pipeline.REASONS, total[:-4])), merged
 
-  total = multihost_utils.process_allgather(np.asarray(list(local.values()), np.int64))
-  return dict(zip(local, np.asarray(total).reshape(jax.process_count(), -1).sum(0).tolist()))
+
+def position(batches: pipeline.Batches, config, mesh) -> ckpt.Position:
+  """What the next checkpoint records of the data stream (the same on every process)."""
+  counts, digest = global_counts(batches)
+  return ckpt.Position(batches=batches.batches_served, reasons=list(counts.values()),
+                       digest=digest, processes=jax.process_count(),
+                       devices=int(mesh.devices.size), data=ckpt.data_digests(config))
 
 
 # ==============================================================================================
@@ -197,14 +205,11 @@ def reason_counts(batches: pipeline.Batches) -> dict[str, int]:
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
+  startup.check_topology(config)  # the batch divides over the devices, the mesh fits them
   devices = jax.devices()
   if config.mesh.num_devices:
     devices = devices[: config.mesh.num_devices]
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-  if config.batch_size % mesh.devices.size:
-    raise TrainingError(f"batch_size {config.batch_size} does not divide by the "
-                        f"{mesh.devices.size} devices")
-  return mesh
+  return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
 
 
 class Setup(NamedTuple):
@@ -272,50 +277,116 @@ MakeEvaluators = Callable[[ml_collections.ConfigDict, nnx.Module, jax.sharding.M
                           "Evaluators | None"]
 
 
+def _on_every_process(fn: Callable[[], Any]) -> Any:
+  """Runs ``fn`` on process 0 and gives its result, or its user error, to every process."""
+  if jax.process_count() == 1:
+    return fn()
+  result, error = None, ""
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # noqa: BLE001 - passed on to every process, then re-raised
+      if cli.describe(e) is None:
+        raise
+      error = cli.describe(e)
+  message = multihost_utils.broadcast_one_to_all(
+      np.frombuffer(error.encode().ljust(2048)[:2048], np.uint8))
+  text = bytes(np.asarray(message)).decode(errors="replace").strip()
+  if text:
+    raise TrainingError(text)
+  return result
+
+
+def resume(mngr, state: dict[str, Any], config, mesh) -> tuple[dict[str, Any], ckpt.Position]:
+  """The state and data position to start from: the newest intact step (a damaged one is moved
+  aside, see :func:`lift_jax.checkpoint.resume_candidates`, and the one before it is tried),
+  a pretrained tower on a fresh run, or the initial state."""
+  directory = str(mngr.directory)
+  while True:
+    found = _on_every_process(lambda: [s for s, _ in ckpt.resume_candidates(directory, config)])
+    mngr.reload()  # steps the checks moved aside
+    step = int(multihost_utils.broadcast_one_to_all(np.int64(found[0] if found else -1))) \
+        if jax.process_count() > 1 else (found[0] if found else -1)
+    if step < 0:
+      break
+    position = ckpt.Position() if ckpt.is_params_only(ckpt.step_dir(directory, step)) \
+        else ckpt.read_position(ckpt.step_dir(directory, step))
+    try:
+      restored, problem = ckpt.restore_state(mngr, step, state), ""
+    except ckpt.DamagedStep as e:
+      restored, problem = None, str(e)
+    if jax.process_count() > 1:  # every process must agree that its part read back
+      problem = problem or ("" if int(np.asarray(multihost_utils.process_allgather(
+          np.int32(restored is None))).sum()) == 0 else "arrays of another process")
+    if not problem:
+      if position.processes and (position.processes, position.devices) != (
+          jax.process_count(), mesh.devices.size):
+        logging.info("resuming step %d, saved by %d processes x %d devices, on %d x %d: the data "
+                     "stream goes on at global batch %d", step, position.processes,
+                     position.devices // position.processes, jax.process_count(),
+                     mesh.devices.size // jax.process_count(), position.batches)
+      logging.info("resumed from step %d of %s", step, directory)
+      return restored, position
+    _on_every_process(lambda: ckpt.move_aside(ckpt.step_dir(directory, step), problem))
+    mngr.reload()  # the manager forgets the step moved aside
+  if ckpt.damaged_steps(directory) and not config.fresh_start_if_damaged:
+    raise ckpt.no_intact_step(directory)
+  if config.model.get("init_from"):  # a pretrained tower, on a fresh run only
+    state = dict(state, params=pretrained.load_into(state["params"], config.model, config.optim))
+  return state, ckpt.Position()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluators: MakeEvaluators | None = None) -> dict[str, Any]:
   """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last metrics.
 
   ``evaluators`` builds what the run evaluates with (``lift_jax.main`` passes
   ``eval.runner.training_runner``); None trains without evaluating."""
-  # ---------------------------------------------------------------- set-up
+  # ---------------------------------------------------------------- set-up (lift_jax.startup)
   primary = jax.process_index() == 0
-  pipeline.require_paths(config)
+  config = pretrained.resolve_shape(config)
+  startup.check_config(config)
+  startup.check_topology(config)
+  startup.check_init_from(config)
+  startup.check_data(config, warn=logging.warning)
   workdir = ckpt.open_workdir(workdir, config, primary)
-  total_steps = int(config.total_steps)
+  lock = WorkdirLock(workdir, config.lock_stale_seconds)
+  _on_every_process(lock.acquire)
+  try:
+    # -------------------------------------------------------------- mesh
+    mesh = make_mesh(config)
+    logging.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape),
+                 mesh.devices.size, jax.devices()[0].device_kind, jax.process_count())
+    # -------------------------------------------------------------- model, optimizer, step
+    setup = build(config, mesh)
+    with jax.set_mesh(mesh):
+      state = jax.jit(setup.init, out_shardings=setup.state_shardings)(
+          jax.random.PRNGKey(config.seed))
+    # -------------------------------------------------------------- resume
+    mngr = ckpt.manager(ckpt.checkpoints_dir(workdir), keep=config.keep_checkpoints,
+                        keep_period=config.keep_checkpoint_every_steps,
+                        async_save=config.async_checkpoints)
+    state, start = resume(mngr, state, config, mesh)
+    start_step = int(jax.device_get(state["step"]))
+    # -------------------------------------------------------------- evaluators
+    runner = evaluators(config, nnx.merge(setup.graphdef, state["params"]), mesh) \
+        if evaluators else None
+    # -------------------------------------------------------------- data
+    dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count(),
+                                     warn=logging.warning, start_batch=start.batches)
+    batches = pipeline.Batches(dataset, setup.batch_sharding, prefetch=config.data.prefetch,
+                               start=(start.batches, start.reasons if primary else (),
+                                      start.digest if primary else 0))
+    return _loop(config, workdir, mngr, setup, state, batches, runner, mesh, start_step)
+  finally:
+    if primary:
+      lock.release()
 
-  # ---------------------------------------------------------------- mesh
-  mesh = make_mesh(config)
-  logging.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), mesh.devices.size,
-               jax.devices()[0].device_kind, jax.process_count())
 
-  # ---------------------------------------------------------------- data
-  dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count(),
-                                   warn=logging.warning)
-  batches = pipeline.Batches(dataset, sharding.batch_sharding(mesh), prefetch=config.data.prefetch)
-
-  # ---------------------------------------------------------------- model, optimizer, step
-  setup = build(config, mesh)
-  with jax.set_mesh(mesh):
-    state = jax.jit(setup.init, out_shardings=setup.state_shardings)(
-        jax.random.PRNGKey(config.seed))
-
-  # ---------------------------------------------------------------- resume
-  mngr = ckpt.manager(os.path.join(workdir, ckpt.CHECKPOINTS), keep=config.keep_checkpoints,
-                      keep_period=config.keep_checkpoint_every_steps,
-                      async_save=config.async_checkpoints)
-  if mngr.latest_step() is not None:
-    state = ckpt.restore_state(mngr, mngr.latest_step(), state, batches, config)
-    logging.info("resumed from step %d of %s", mngr.latest_step(), mngr.directory)
-  elif config.model.get("init_from"):  # a pretrained tower, on a fresh run only
-    state = dict(state, params=pretrained.load_into(state["params"], config.model))
-  start_step = step = int(jax.device_get(state["step"]))
-
-  # ---------------------------------------------------------------- evaluators
-  runner = evaluators(config, nnx.merge(setup.graphdef, state["params"]), mesh) \
-      if evaluators else None
-
-  # ---------------------------------------------------------------- loop
+def _loop(config, workdir, mngr, setup, state, batches, runner, mesh, start_step):
+  """Steps from ``start_step`` to ``config.total_steps``: logging, checkpoints, evaluations, the
+  checks that stop a run, preemption."""
+  primary, total_steps, step = jax.process_index() == 0, int(config.total_steps), start_step
   writer = MetricWriter(workdir, primary, tensorboard=config.tensorboard, resume_step=start_step)
   skips = SkipReport(workdir, primary, max_skipped=config.data.max_skipped,
                      max_fraction=config.data.max_skipped_fraction,
@@ -334,15 +405,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           f"last good checkpoint is step {mngr.latest_step()} in "
                           f"{mngr.directory} (lower the learning rate or check the data, then "
                           "re-run to resume)")
-    counts = reason_counts(batches)
-    problem = skips.update(step, counts)
+    counts, digest = global_counts(batches)
+    problem = skips.update(step, counts, digest)
     if problem:
       raise TrainingError(problem)
     return counts
 
   def save(step: int, force: bool = False):
     check(step)  # never save a state that saw a non-finite update or learned from nothing
-    ckpt.save_state(mngr, step, state, batches, config, force=force)
+    ckpt.save_state(mngr, step, state, position(batches, config, mesh), config, force=force)
 
   def evaluate(step: int) -> dict[str, float]:
     if runner is None:
@@ -368,7 +439,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         step += 1
         speed.step()
 
-        if step % config.log_every_steps == 0 or step == total_steps:
+        if (config.log_every_steps and step % config.log_every_steps == 0) or \
+            step == total_steps:
           counts = check(step)
           scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
           scalars.update(speed.report())
@@ -384,6 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             and step != total_steps:
           last.update(evaluate(step))
         if preemption.check(step):
+          logging.warning("saving at step %d (%s), then stopping", step,
+                          signal.Signals(preemption.signum).name)
           save(step, force=True)
           ckpt.wait_for_saves(mngr)
           raise Preempted(step, preemption.signum)

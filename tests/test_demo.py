@@ -22,8 +22,8 @@ def run_demo(workdir):
 
 
 def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
-  w = tmp_path / "demo"
-  first = run_demo(w)
+  first = run_demo(tmp_path / "demo")
+  w = tmp_path / "demo" / "quick"  # --quick lives beside a full run
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   out = first.stdout
   for stage in ("[1/6]", "[3/6] train LIFT: 20 steps", "[4/6] train CLIP: 20 steps", "[5/6]",
@@ -52,7 +52,7 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
   assert cfg["lift"]["model"]["variant"] == cfg["clip"]["model"]["variant"]
   assert cfg["lift"]["data"]["images"] == cfg["clip"]["data"]["images"]
 
-  again = run_demo(w)
+  again = run_demo(tmp_path / "demo")
   assert again.returncode == 0, again.stdout[-3000:]
   assert "train LIFT: finished earlier" in again.stdout
   assert "train CLIP: finished earlier" in again.stdout

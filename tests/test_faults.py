@@ -249,8 +249,9 @@ def test_check_eval_rows_bank_coverage_and_settings(data, tmp_path):
   write_bank(c.evals.text_bank, [f"caption of image {i}" for i in range(1, 5)])
   rows = {r[0]: r for r in preflight.check(c, str(tmp_path / "w")).rows}
   assert rows["text bank"][1] == "FAIL"
-  assert "1 of 5 texts missing from" in rows["text bank"][2] and "'caption of image 0'" in \
-      rows["text bank"][2]
+  # The run's own check (Predictor/TextBank) says it, in the run's words.
+  assert "1 of 5 texts are missing from the text bank" in rows["text bank"][2] and \
+      "'caption of image 0'" in rows["text bank"][2]
   shutil.rmtree(c.evals.text_bank)
   write_bank(c.evals.text_bank, [f"caption of image {i}" for i in range(5)])
   manifest = records.read_manifest(c.evals.text_bank)
@@ -262,7 +263,7 @@ def test_check_eval_rows_bank_coverage_and_settings(data, tmp_path):
   finally:
     records.write_manifest(data[1], train_manifest)
   assert rows["text bank"][1] == "FAIL"
-  assert "pooling: bank 'last', training 'mean'" in rows["text bank"][2]
+  assert "pooling: 'mean' in the embeddings, 'last' in the bank" in rows["text bank"][2]
 
 
 def test_undecodable_eval_image_is_a_counted_miss_and_skip_missing_needs_no_skipped_texts(
@@ -354,22 +355,18 @@ def test_full_disk_during_a_background_save_is_one_error_in_seconds(tmp_path):
                     capture_output=True).returncode:
     pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
 
-  class Position:  # the data iterator's part of a step
-    def get_state(self):
-      return b"{}"
-
   def state(n):
     return {"params": {"w": jax.random.normal(jax.random.PRNGKey(0), (n,))},
             "step": jax.numpy.zeros((), "int32")}
 
   try:
     mngr = ckpt.manager(str(disk / "checkpoints"), async_save=True)
-    ckpt.save_state(mngr, 1, state(1000), Position(), {"model": {}})
+    ckpt.save_state(mngr, 1, state(1000), ckpt.Position(), {"model": {}})
     ckpt.wait_for_saves(mngr)
     t0 = time.time()
     with pytest.raises(ckpt.CheckpointError, match=r"could not save a checkpoint in "
                        r".*/disk/checkpoints \(No space left on device: .*\); the run stops"):
-      ckpt.save_state(mngr, 2, state(200_000), Position(), {"model": {}})  # 800 kB > 300 kB
+      ckpt.save_state(mngr, 2, state(200_000), ckpt.Position(), {"model": {}})  # 800 kB > 300 kB
       ckpt.wait_for_saves(mngr)
     assert time.time() - t0 < 30
     mngr.close()

@@ -53,6 +53,59 @@ def graph() -> dict[str, set[str]]:
   return {m: imports_of(p, m, known) for m, p in mods.items()}
 
 
+# The layers, top to bottom: entry points -> eval/, embed/ -> the core (the rest of lift_jax).
+ENTRY_POINTS = ("lift_jax.main", "lift_jax.preflight", "lift_jax.prepare", "lift_jax.tools",
+                "eval.main", "embed.main", "embed.banks", "embed.probe")
+
+
+def layer(module: str) -> int:
+  if module.startswith(ENTRY_POINTS):
+    return 2
+  return 1 if module.split(".")[0] in ("eval", "embed") else 0
+
+
+def own_function_level_imports() -> dict[str, list[tuple[int, str]]]:
+  """{module: [(line, source line)]} of imports of the project's own modules inside functions."""
+  out = {}
+  for module, path in modules().items():
+    source = open(path, encoding="utf-8").read()
+    lines = source.splitlines()
+    for node in ast.walk(ast.parse(source)):
+      if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        continue
+      for inner in ast.walk(node):
+        if isinstance(inner, ast.Import):
+          names = [a.name for a in inner.names]
+        elif isinstance(inner, ast.ImportFrom):
+          names = [inner.module or ""] if not inner.level else [module]
+        else:
+          continue
+        if any(n.split(".")[0] in PACKAGES for n in names):
+          out.setdefault(module, []).append((inner.lineno, lines[inner.lineno - 1]))
+  return out
+
+
+def test_layers_point_down_only():
+  """The core never imports eval/, embed/ or an entry point, not even inside a function; eval/
+  and embed/ never import an entry point."""
+  wrong = []
+  for module, deps in graph().items():
+    for dep in deps:
+      if dep.split(".")[0] in PACKAGES and layer(dep) > layer(module):
+        wrong.append(f"{module} (layer {layer(module)}) imports {dep} (layer {layer(dep)})")
+  assert not wrong, "\n".join(wrong)
+
+
+def test_few_function_level_imports_each_with_its_reason():
+  """Outside entry points, at most 3 imports of our own modules sit inside functions (a reader
+  sees the dependency direction from the top of a file), each with a comment saying why."""
+  found = {m: hits for m, hits in own_function_level_imports().items() if layer(m) < 2}
+  flat = [(m, line, text) for m, hits in found.items() for line, text in hits]
+  assert len(flat) <= 3, flat
+  for module, line, text in flat:
+    assert "#" in text, f"{module}:{line} imports inside a function without saying why: {text}"
+
+
 def test_dependencies_point_one_way():
   wrong = []
   for module, deps in graph().items():

@@ -321,8 +321,7 @@ def test_trainer_starts_from_a_checkpoint_with_the_tower_frozen_and_resumes(data
   head = [k for k in out if k.startswith("head/")]
   assert head and all(not np.array_equal(out[k], src[k]) for k in head)  # trained from fresh init
   # No optimizer state for the tower in the saved train state.
-  saved = ckpt.manager(str(tmp_path / "run" / "checkpoints"), with_data=False, read_only=True,
-                       async_save=False)
+  saved = ckpt.manager(str(tmp_path / "run" / "checkpoints"), read_only=True, async_save=False)
   try:
     meta = saved.item_metadata(4)[ckpt.TRAIN]
   finally:

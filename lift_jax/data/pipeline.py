@@ -12,9 +12,11 @@ Order of operations (all lazy, random access)::
       -> to_iter_dataset -> mp_prefetch(workers)
 
 So global batch t holds exactly the examples at global positions [t*B, (t+1)*B), in the same rows,
-on any number of processes, devices and workers. The iterator state (grain's, plus the count of
-batches handed out) is saved with every checkpoint, so a resumed run sees the batches an
-uninterrupted one would.
+on any number of processes, devices and workers, and the data stream is fully described by the
+number of batches handed out. That count is saved with every checkpoint (with the counts of
+unusable examples and an order-sensitive digest of the records served, see :class:`Batches`);
+a resumed run slices the batched dataset there (``train_dataset(..., start_batch=t)``), so it
+sees the batches an uninterrupted one would, on any topology and worker count.
 
 Examples that cannot be used (undecodable image, NaN/flagged embedding, missing caption) are kept
 in the batch with ``valid=False`` and a ``reason`` code; the loss ignores them, and ``Batches``
@@ -25,7 +27,6 @@ checkpointed state, so nothing is dropped silently and shapes stay static.
 from __future__ import annotations
 
 import bisect
-import json
 import queue
 import sys
 import threading
@@ -100,7 +101,8 @@ class PairedSource(grain.sources.RandomAccessDataSource):
     except Exception as e:  # a damaged or truncated shard: name it instead of riegeli's bytes
       raise records.RecordError(
           f"{path} record {offset}: damaged shard ({str(e).splitlines()[0][:200]}). Check every "
-          "shard against its manifest with python -m lift_jax.main ... --check=full, then "
+          "shard against its manifest with `python -m lift_jax.main --config=CONFIG "
+          "--workdir=WORKDIR --check=full`, then "
           "re-create the damaged one") from None
 
   def _locate(self, index: int) -> tuple[int, int]:
@@ -149,6 +151,7 @@ class TrainTransform:
     self.max_image_bytes = max_image_bytes
     self.image_files = source.image_files
     self.embedding_files = source.embedding_files
+    self.offsets = source.offsets  # record = its index in the source (for the digest)
 
   def _where(self, files, item) -> str:
     return f"{files[item['shard']]} record {item['offset']}"
@@ -194,7 +197,8 @@ class TrainTransform:
     if image is None:
       image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
     return {"image": image, "text": text, "valid": np.bool_(reason == 0),
-            "reason": np.int8(reason)}
+            "reason": np.int8(reason), "record": np.int64(self.offsets[item["shard"]] +
+                                                         item["offset"])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,21 +262,23 @@ def require_paths(config) -> None:
   """Names the missing data setting and the command that makes the data."""
   data = config.data
   prepared = "" if data.get("prepare") in (None, "", "None", "none") else (
-      f" (data.prepare={data.prepare!r} builds it: python -m lift_jax.main --config=... "
-      "--workdir=... --prepare_only, or run without --prepare_only)")
+      f" (data.prepare={data.prepare!r} builds it: `python -m lift_jax.main --config=CONFIG "
+      "--workdir=WORKDIR --prepare_only`, or run without --prepare_only)")
   if not data.get("images"):
     raise PipelineError("config.data.images is not set: point it at a folder of image shards "
-                        "(--config.data.images=DIR), made with python -m lift_jax.data.convert"
-                        + prepared)
+                        "(--config.data.images=DIR), made with `python -m lift_jax.data.convert "
+                        "--output=DIR --images=IMAGES_DIR --captions=FILE`" + prepared)
   if config.model.mode == "lift" and not data.get("embeddings"):
     raise PipelineError("config.data.embeddings is not set: LIFT trains against precomputed "
                         "caption embeddings (--config.data.embeddings=DIR), made with "
-                        "python -m embed.main --config.images=" + str(data.images) + prepared)
+                        "`python -m embed.main --config=embed/configs/minilm.py --config.images="
+                        f"{data.images} --config.output=DIR`" + prepared)
 
 
 def train_dataset(config, process_index: int = 0, process_count: int = 1,
-                  warn=None) -> grain.IterDataset:
-  """The per-process grain IterDataset of local batches for ``config`` (a training config).
+                  warn=None, start_batch: int = 0) -> grain.IterDataset:
+  """The per-process grain IterDataset of local batches for ``config`` (a training config),
+  from global batch ``start_batch`` on.
 
   Record counts come from the manifests: start-up opens no shard (each worker opens the shards
   it reads, when it first reads them).
@@ -286,6 +292,8 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
     embedding_files = records.list_shards(data.embeddings, records.EMBEDDINGS)
   else:
     image_files, counts, _ = records.shard_counts(data.images, records.IMAGES, warn)
+  if model.mode == "clip":  # loaded here, once, before any reader thread asks for it
+    get_tokenizer(data.tokenizer, model.text.context_length)
   source = PairedSource(image_files, embedding_files, counts)
   if len(source) == 0:
     raise PipelineError(f"{data.images} holds no records")
@@ -299,6 +307,8 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
   ds = ds.map_with_index(transform)
   ds = ProcessSlice(ds, config.batch_size, process_index, process_count)
   ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+  if start_batch:
+    ds = ds[start_batch:]  # local batch t is global batch t on any number of processes
   threads = int(data.read_threads)
   ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                              prefetch_buffer_size=max(2 * threads, 2)))
@@ -319,35 +329,54 @@ def _absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-class Batches:
-  """Global batches as jax.Arrays, prefetched on a thread; checkpointable.
+_MASK64 = (1 << 64) - 1
 
-  ``get_state``/``set_state`` speak bytes (JSON), as grain's orbax handler expects of iterators
-  that are not grain's own. The state is that of the batches *handed out*, not of those still in
-  the prefetch queue, so a checkpoint taken after step t resumes at batch t + 1.
+
+def record_digest(records: np.ndarray, batch: int) -> int:
+  """An order-sensitive digest of the records of one batch: the sum (mod 2**64) of a 64-bit mix
+  of each (record, batch index). Sums over processes and batches add up, whatever the split."""
+  with np.errstate(over="ignore"):
+    x = np.asarray(records, np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(batch)
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+      x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
+    x ^= x >> np.uint64(31)
+    return int(np.sum(x, dtype=np.uint64)) & _MASK64
+
+
+class Batches:
+  """Global batches as jax.Arrays, prefetched on a thread.
+
+  It counts what it has handed out (not what sits in the prefetch queue, so a checkpoint taken
+  after step t resumes at batch t + 1): ``batches_served``, the examples of this process by
+  REASON (``reason_counts``), and ``digest``, the sum of :func:`record_digest` over the batches
+  (this process's rows). A resumed run passes the saved values in ``start`` (the counts and
+  digest summed over every process on process 0, zeros on the others).
   """
 
-  def __init__(self, dataset: grain.IterDataset, sharding, prefetch: int = 2):
+  def __init__(self, dataset: grain.IterDataset, sharding, prefetch: int = 2,
+               start: tuple[int, Sequence[int], int] | None = None):
     self._iterator = iter(dataset)
     self._sharding = sharding
     self._prefetch = max(int(prefetch), 0)
-    self._state = {"grain": self._iterator.get_state(), "batches": 0,
-                   "reasons": [0] * len(REASONS)}
+    batches, reasons, digest = start or (0, (), 0)
+    self._batches = int(batches)
+    self._reasons = [int(r) for r in reasons] or [0] * len(REASONS)
+    self._reasons += [0] * (len(REASONS) - len(self._reasons))
+    self._digest = int(digest) & _MASK64
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
 
   # -- producer ---------------------------------------------------------------------------------
   def _fetch(self):
-    import jax
+    import jax  # this module stays importable without JAX (the embedding job reads records)
 
     local = next(self._iterator)
-    state = self._iterator.get_state()
-    # The reason codes stay on the host: they are counted here, the step needs only `valid`.
+    # Reason codes and record ids stay on the host: counted here, the step needs only `valid`.
     arrays = {k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v))
-              for k, v in local.items() if k != "reason"}
+              for k, v in local.items() if k not in ("reason", "record")}
     reasons = np.bincount(np.asarray(local["reason"]).astype(np.int64), minlength=len(REASONS))
-    return arrays, state, reasons
+    return arrays, reasons, np.asarray(local["record"])
 
   def _run(self):
     try:
@@ -369,7 +398,7 @@ class Batches:
   def __next__(self) -> tuple[dict[str, Any], np.ndarray]:
     """(global batch dict, this process's counts of each REASON in it)."""
     if self._prefetch == 0:
-      arrays, state, reasons = self._fetch()
+      arrays, reasons, record_ids = self._fetch()
     else:
       if self._thread is None:
         self._queue = queue.Queue(maxsize=self._prefetch)
@@ -378,32 +407,24 @@ class Batches:
       kind, item = self._queue.get()
       if kind == "error":
         raise item
-      arrays, state, reasons = item
-    self._state = {"grain": state, "batches": self._state["batches"] + 1,
-                   "reasons": [a + int(b) for a, b in zip(self._state["reasons"], reasons)]}
+      arrays, reasons, record_ids = item
+    self._digest = (self._digest + record_digest(record_ids, self._batches)) & _MASK64
+    self._batches += 1
+    self._reasons = [a + int(b) for a, b in zip(self._reasons, reasons)]
     return arrays, reasons
-
-  def get_state(self) -> bytes:
-    return json.dumps(self._state).encode()
-
-  def set_state(self, state: bytes) -> None:
-    if self._thread is not None:
-      raise RuntimeError("set_state after iteration started")
-    self._state = json.loads(state)
-    self._state.setdefault("reasons", [0] * len(REASONS))  # checkpoints of older runs
-    self._iterator.set_state(self._state["grain"])
-
-  def start_prefetch(self) -> None:  # called by grain's checkpoint handler after restore
-    pass
 
   @property
   def batches_served(self) -> int:
-    return int(self._state["batches"])
+    return self._batches
 
   @property
   def reason_counts(self) -> dict[str, int]:
     """This process's examples handed out so far (resumed runs included), by REASON."""
-    return dict(zip(REASONS, self._state["reasons"]))
+    return dict(zip(REASONS, self._reasons))
+
+  @property
+  def digest(self) -> int:
+    return self._digest
 
   def close(self) -> None:
     self._stop.set()

@@ -230,6 +230,17 @@ def sha256_file(path: str) -> str:
 UNCOMPRESSED = "group_size:1,uncompressed"
 
 
+def _writing(path: str, call):
+  """``call()``; an error of the ArrayRecord writer (a full disk, a vanished folder) becomes a
+  RecordError naming the shard and the writer's own first line."""
+  try:
+    return call()
+  except Exception as e:  # noqa: BLE001 - riegeli raises RuntimeError/OSError/ValueError
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise RecordError(f"could not write {path} ({first}); nothing half-written is left: free "
+                      f"space in {os.path.dirname(path) or '.'} and re-run") from None
+
+
 def write_shard(path: str, records: Iterable[bytes], options: str = "group_size:1"
                 ) -> dict[str, Any]:
   """Writes packed records to ``path`` atomically (temporary name, then rename).
@@ -241,17 +252,19 @@ def write_shard(path: str, records: Iterable[bytes], options: str = "group_size:
   from array_record.python import array_record_module
 
   tmp = common.temporary_name(path)
-  writer = array_record_module.ArrayRecordWriter(tmp, options)
   count = 0
   try:
-    for data in records:
-      writer.write(data)
-      count += 1
+    writer = _writing(path, lambda: array_record_module.ArrayRecordWriter(tmp, options))
+    try:
+      for data in records:  # errors of the records' producer pass through unchanged
+        _writing(path, lambda: writer.write(data))
+        count += 1
+    finally:
+      _writing(path, writer.close)  # flushes: a full disk often shows here
   except BaseException:
-    writer.close()
-    os.remove(tmp)
+    if os.path.exists(tmp):
+      os.remove(tmp)
     raise
-  writer.close()
   digest = sha256_file(tmp)
   os.replace(tmp, path)
   return {"file": os.path.basename(path), "count": count, "sha256": digest}
@@ -377,7 +390,8 @@ def check_aligned(image_folder: str, embedding_folder: str, check_keys: bool = F
       raise RecordError(
           f"{emb} was computed from another version of {img} (the image shard's SHA-256 "
           "changed since; e.g. it was re-converted with new captions): its vectors are stale. "
-          f"Re-run python -m embed.main for {image_folder}")
+          f"Re-embed them: `python -m embed.main --config=EMBED_CONFIG --config.images="
+          f"{image_folder} --config.output={embedding_folder}` (it redoes only stale shards)")
     if check_keys:
       for idx, (a, b) in enumerate(zip(read_keys(img), read_keys(emb))):
         if a != b:
@@ -422,7 +436,8 @@ def check_same_encoder(bank_folder: str, embeddings_folder: str, allow: bool = F
         f"text bank {bank_folder} was made with other encoder settings than the training "
         f"embeddings {embeddings_folder} ({'; '.join(diffs)}): scores against it are not "
         "comparable. Re-embed the bank's texts with the embeddings' encoder config "
-        "(python -m embed.main --config=... --config.texts=FILE --config.output=DIR), or set "
+        "(`python -m embed.main --config=EMBED_CONFIG --config.texts=FILE --config.output=DIR`), "
+        "or set "
         "config.evals.allow_encoder_mismatch=True to evaluate anyway")
   return diffs
 

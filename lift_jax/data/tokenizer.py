@@ -8,8 +8,21 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import numpy as np
+
+from lift_jax import cli
+
+# Reader threads (grain's, several per worker process) ask for the tokenizer at once on their
+# first example; transformers' lazily imported names are not safe to resolve from two threads at
+# a time. The first caller loads it under this lock, the others wait and share it.
+_LOCK = threading.Lock()
+
+
+@cli.user_error
+class TokenizerError(ValueError):
+  """The configured tokenizer cannot be loaded; the message names it."""
 
 
 class Tokenizer:
@@ -26,8 +39,11 @@ class Tokenizer:
     try:
       self._tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path),
                                                 local_files_only=local)
-    except Exception as e:
-      raise ValueError(f"cannot load tokenizer {name_or_path!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to load is the setting's to fix
+      raise TokenizerError(f"data.tokenizer={name_or_path!r} cannot be loaded "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           "give a local tokenizer folder or a hub id in the local cache"
+                           ) from None
     self.context_length = context_length
     tok = self._tok
     self.eot_token_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
@@ -57,5 +73,11 @@ class Tokenizer:
 
 
 @functools.lru_cache(maxsize=8)
-def get_tokenizer(name_or_path: str, context_length: int) -> Tokenizer:
+def _cached(name_or_path: str, context_length: int) -> Tokenizer:
   return Tokenizer(name_or_path, context_length)
+
+
+def get_tokenizer(name_or_path: str, context_length: int) -> Tokenizer:
+  """The tokenizer of a hub name or local folder, loaded once per process (thread-safe)."""
+  with _LOCK:
+    return _cached(name_or_path, context_length)

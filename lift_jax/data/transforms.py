@@ -19,6 +19,8 @@ from PIL import Image, ImageFile
 
 from lift_jax import cli
 
+Image.init()  # every format plugin registered now, before reader threads open images at once
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

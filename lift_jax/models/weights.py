@@ -59,6 +59,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
 
 from lift_jax import cli
 from lift_jax.models.two_tower import TwoTower
@@ -232,18 +233,8 @@ def hf_folder(source: str) -> str:
 
 def load_hf_clip(source: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(OpenCLIP-named float32 state dict, config.json) of a Hugging Face CLIP checkpoint."""
-  from safetensors.numpy import load_file
-
   folder = hf_folder(source)
-  config_path = os.path.join(folder, "config.json")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      hf_config = json.load(f)
-  except FileNotFoundError:
-    raise StateDictError(f"{folder}: no config.json; a Hugging Face checkpoint folder holds "
-                         "config.json and *.safetensors") from None
-  except json.JSONDecodeError as e:
-    raise StateDictError(f"{config_path}: not valid JSON ({e})") from None
+  hf_config = hf_config_file(source)
   files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
   if not files:
     raise StateDictError(
@@ -259,22 +250,51 @@ def load_hf_clip(source: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   return hf_clip_to_openclip(state, hf_config.get("model_type")), hf_config
 
 
-def hf_config_problems(hf_config: Mapping[str, Any], model_cfg: Mapping[str, Any],
-                       towers: tuple[str, ...] = ("vision", "text")) -> list[str]:
-  """What in a Hugging Face CLIP config.json would make the imported towers compute a different
-  function than this project's (activation, head count, LayerNorm epsilon); empty if none."""
+# transformers' CLIPVisionConfig / CLIPTextConfig defaults for the fields read here: a config.json
+# that leaves a field out means these (tests/test_pretrained.py checks them against transformers).
+HF_DEFAULTS = {
+    "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+               "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
+               "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+    "text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+             "num_attention_heads": 8, "max_position_embeddings": 77,
+             "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+}
+
+
+def hf_sections(hf_config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """{"vision": ..., "text": ...} of a CLIP config.json, each with transformers' defaults for the
+  fields it leaves out (single-tower configs have one section)."""
   if hf_config.get("model_type") == "clip_vision_model":
     sections = {"vision": hf_config}
   elif hf_config.get("model_type") == "clip_text_model":
     sections = {"text": hf_config}
   else:
     sections = {k: hf_config.get(f"{k}_config") or {} for k in ("vision", "text")}
+  return {k: {**HF_DEFAULTS[k], **v} for k, v in sections.items()}
+
+
+def hf_vision_shape(hf_config: Mapping[str, Any]) -> dict[str, int]:
+  """The image tower's shape, in this project's terms (model.vit.* and model.image_size)."""
+  v = hf_sections(hf_config).get("vision")
+  if v is None:
+    raise StateDictError("the checkpoint's config.json describes no image tower")
+  return {"width": int(v["hidden_size"]), "depth": int(v["num_hidden_layers"]),
+          "mlp_dim": int(v["intermediate_size"]), "num_heads": int(v["num_attention_heads"]),
+          "patch_size": int(v["patch_size"]), "image_size": int(v["image_size"])}
+
+
+def hf_config_problems(hf_config: Mapping[str, Any], model_cfg: Mapping[str, Any],
+                       towers: tuple[str, ...] = ("vision", "text"),
+                       vision_heads: bool = True) -> list[str]:
+  """What in a Hugging Face CLIP config.json would make the imported towers compute a different
+  function than this project's (activation, head count, LayerNorm epsilon); empty if none.
+  ``vision_heads=False`` leaves the image tower's head count to a shape check."""
   problems = []
-  for tower in towers:
-    section = sections.get(tower)
-    if section is None or (tower == "text" and model_cfg.get("mode") != "clip"):
+  for tower, section in hf_sections(hf_config).items():
+    if tower not in towers or (tower == "text" and model_cfg.get("mode") != "clip"):
       continue
-    act = section.get("hidden_act", "quick_gelu")  # HF CLIP's default
+    act = section["hidden_act"]
     if act != "gelu":
       problems.append(
           f"{tower}_config.hidden_act is {act!r}, but this project's transformer MLPs use exact "
@@ -282,17 +302,33 @@ def hf_config_problems(hf_config: Mapping[str, Any], model_cfg: Mapping[str, Any
           "checkpoint trained with exact GELU (e.g. the LAION/DataComp OpenCLIP releases)")
     if tower == "vision":
       heads = parse_variant(model_cfg["variant"], **dict(model_cfg.get("vit") or {})).num_heads
+      key = "model.vit.num_heads"
     else:
       heads = dict(model_cfg.get("text") or {}).get("num_heads")
-    hf_heads = section.get("num_attention_heads", 12 if tower == "vision" else 8)
-    if heads is not None and int(hf_heads) != int(heads):
+      key = "model.text.num_heads"
+    hf_heads = section["num_attention_heads"]
+    if heads is not None and int(hf_heads) != int(heads) and (tower == "text" or vision_heads):
       problems.append(f"{tower}_config.num_attention_heads is {hf_heads}, the config's model has "
-                      f"{heads} heads: set the model's head count to {hf_heads}")
-    eps = float(section.get("layer_norm_eps", 1e-5))
+                      f"{heads} heads: set --config.{key}={hf_heads}")
+    eps = float(section["layer_norm_eps"])
     if abs(eps - 1e-5) > 1e-12:
       problems.append(f"{tower}_config.layer_norm_eps is {eps}; this project's LayerNorms use "
                       "1e-5")
   return problems
+
+
+def hf_config_file(source: str) -> dict[str, Any]:
+  """The config.json of a Hugging Face checkpoint (folder or cached hub id), no tensors read."""
+  folder = hf_folder(source)
+  path = os.path.join(folder, "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise StateDictError(f"{folder}: no config.json; a Hugging Face checkpoint folder holds "
+                         "config.json and *.safetensors") from None
+  except json.JSONDecodeError as e:
+    raise StateDictError(f"{path}: not valid JSON ({e})") from None
 
 
 def _transform(array: np.ndarray, how: str) -> np.ndarray:

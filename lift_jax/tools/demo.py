@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -30,10 +29,11 @@ from absl import app, flags
 
 from lift_jax import checkpoint as ckpt
 from lift_jax import cli, common
-from lift_jax.tools import report
+from lift_jax.tools import children, report
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "demo_workdir", "Where data, runs and the report go.")
+flags.DEFINE_string("workdir", "demo_workdir", "Where data, runs and the report go (relative to "
+                    "the current folder); --quick runs live in its quick/ folder.")
 flags.DEFINE_bool("quick", False, "A few-minute version that still runs every stage.")
 flags.DEFINE_integer("steps", None, "Training steps (default: the config's; --quick: 20).")
 
@@ -49,19 +49,22 @@ def say(message: str) -> None:
   print(message, flush=True)
 
 
-def run(args: list[str], log_path: str) -> float:
-  """Runs a command, teeing its output to ``log_path``; returns its wall time."""
-  t0 = time.time()
+def run(args: list[str], log_path: str) -> tuple[float, str]:
+  """Runs a command as a child (a Ctrl-C or SIGTERM reaches it and is waited for: the trainer
+  saves first), appending its output to ``log_path``; (wall time, this run's output)."""
   with open(log_path, "a", encoding="utf-8") as log:
     log.write(f"\n$ {' '.join(args)}\n")
     log.flush()
-    proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    start = log.tell()
+    result = children.run(args, stdout=log, cwd=REPO,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-  if proc.returncode:
-    with open(log_path, encoding="utf-8") as f:
-      tail = f.read()[-3000:]
-    raise SystemExit(f"demo: command failed ({' '.join(args)}); log {log_path}:\n{tail}")
-  return time.time() - t0
+  with open(log_path, encoding="utf-8") as f:
+    f.seek(start)
+    output = f.read()
+  if result.code:
+    raise SystemExit(f"demo: command failed ({' '.join(args)}); log {log_path}:\n"
+                     f"{output[-3000:]}")
+  return result.seconds, output
 
 
 def overrides(quick: bool, steps: int | None, data_dir: str) -> list[str]:
@@ -84,7 +87,9 @@ def resolved_total_steps(config: str, extra: list[str]) -> int:
 def main(argv):
   del argv
   t_start = time.time()
-  root = os.path.abspath(FLAGS.workdir)
+  root = os.path.abspath(FLAGS.workdir)  # relative to where the command was started
+  if FLAGS.quick:  # beside a full run, never in its way
+    root = os.path.join(root, "quick")
   os.makedirs(root, exist_ok=True)
   data_dir = os.path.join(root, "data", "synthetic")
   logs = os.path.join(root, "logs")
@@ -104,11 +109,11 @@ def main(argv):
   say("[1/6] synthetic data + [2/6] MiniLM embeddings (captions, eval texts)")
   prep = [py, "-m", "lift_jax.main", f"--config={runs['lift']}",
           f"--workdir={os.path.join(root, 'lift')}", "--prepare_only"] + extra
-  timings["data_and_embeddings"] = run(prep, os.path.join(logs, "prepare.log"))
-  with open(os.path.join(logs, "prepare.log"), encoding="utf-8") as f:
-    for line in f.read().splitlines():
-      if any(w in line for w in ("ready", "skipping", "texts in", "synthetic set", "captions/s")):
-        say("      " + line.split("] ", 1)[-1].strip())
+  timings["data_and_embeddings"], output = run(prep, os.path.join(logs, "prepare.log"))
+  for line in output.splitlines():  # what this run did (the log keeps earlier runs too)
+    if any(w in line for w in ("ready", "skipping", "texts in", "synthetic set", "captions/s",
+                               "shards written", "nothing to do")):
+      say("      " + line.split("] ", 1)[-1].strip())
   say(f"      done in {timings['data_and_embeddings']:.0f} s")
 
   # 3-4. training
@@ -122,9 +127,9 @@ def main(argv):
       reused.append(f"train_{name}")
       continue
     say(f"{label}: {total} steps" + (f", resuming from step {done}" if done else ""))
-    timings[f"train_{name}"] = run([py, "-m", "lift_jax.main", f"--config={config}",
-                                    f"--workdir={workdir}"] + extra,
-                                   os.path.join(logs, f"train_{name}.log"))
+    timings[f"train_{name}"], _ = run([py, "-m", "lift_jax.main", f"--config={config}",
+                                       f"--workdir={workdir}"] + extra,
+                                      os.path.join(logs, f"train_{name}.log"))
     say(f"      done in {timings[f'train_{name}']:.0f} s")
 
   # 5. evaluation
@@ -138,8 +143,8 @@ def main(argv):
       say(f"      {name}: evaluated earlier ({out})")
       reused.append(f"eval_{name}")
     else:
-      timings[f"eval_{name}"] = run([py, "-m", "eval.main", f"--workdir={workdir}",
-                                     f"--output={out}"], os.path.join(logs, f"eval_{name}.log"))
+      timings[f"eval_{name}"], _ = run([py, "-m", "eval.main", f"--workdir={workdir}",
+                                        f"--output={out}"], os.path.join(logs, f"eval_{name}.log"))
     with open(out, encoding="utf-8") as f:
       results[name] = json.load(f)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 from typing import Any
 
@@ -64,6 +65,62 @@ def trials(result: dict[str, Any], key: str) -> int | None:
   if metric == "mean":
     return int(metrics.get(f"{bench}/num_samples", 0)) or None
   return _subset_sizes(result, bench).get(metric)
+
+
+def chance(result: dict[str, Any], key: str) -> float | None:
+  """What guessing scores on a metric: 1/2 for a positive-vs-negative caption pair, k/classes
+  for top-k classification, the chance that k texts drawn at random include one of an image's
+  captions (image->text) or that k images include the caption's image (text->image)."""
+  metrics, settings = result["metrics"], result.get("benchmarks", {})
+  bench, metric = key.rsplit("/", 1)
+  kind = settings.get(bench, {}).get("type")
+  m = re.search(r"(?:top|_r)(\d+)$", metric)
+  k = int(m[1]) if m else 0
+  if kind == "sugarcrepe":
+    return 0.5
+  if kind == "zeroshot" and metric.startswith("top"):
+    names = settings[bench].get("classnames")
+    if names and os.path.exists(names):
+      with open(names, encoding="utf-8") as f:
+        classes = sum(1 for line in f if line.strip())
+      return min(1.0, k / classes)
+    return None
+  images = int(metrics.get(f"{bench}/num_images", 0))
+  texts = int(metrics.get(f"{bench}/num_texts", 0))
+  if not images or not texts:
+    return None
+  if metric.startswith("t2i"):
+    return min(1.0, k / images)
+  if metric.startswith("i2t"):  # a draw of k of `texts` misses all of an image's `per` captions
+    per = max(1, round(texts / images))
+    miss = math.prod((texts - per - i) / (texts - i) for i in range(min(k, texts - per)))
+    return 1.0 - miss
+  return None
+
+
+def what_this_says(results: dict[str, dict[str, Any]]) -> list[str]:
+  """A short reading of the table: where one model's interval lies wholly above the other's."""
+  table = [r for r in rows(results) if "lift" in r and "clip" in r]
+  lift_ahead = [r["metric"] for r in table if r["lift"][1] > r["clip"][2]]
+  clip_ahead = [r["metric"] for r in table if r["clip"][1] > r["lift"][2]]
+  tied = [r["metric"] for r in table if r["metric"] not in lift_ahead + clip_ahead]
+  says = []
+  if clip_ahead:
+    says.append(f"CLIP is ahead, beyond the intervals, on {len(clip_ahead)} of {len(table)} "
+                f"metrics ({', '.join(clip_ahead)}).")
+  if lift_ahead:
+    says.append(f"LIFT is ahead on {len(lift_ahead)} ({', '.join(lift_ahead)}).")
+  if tied:
+    says.append(f"On {len(tied)} the intervals overlap: no difference is shown there.")
+  says.append(
+      "Read it for what it is: both image towers are trained from scratch for a few hundred "
+      "steps on a synthetic grammar. CLIP's text tower learns that grammar's words; LIFT's "
+      "frozen all-MiniLM-L6-v2 never saw it, and the table of caption distances below shows "
+      "how close it puts a caption and its hard negative. The paper's claims (LIFT ahead on "
+      "compositional and long-caption tasks) concern LLM encoders such as NV-Embed-v2 and "
+      "hundreds of millions of pairs; this demo shows that every stage works and what the "
+      "numbers look like, not which method wins at scale.")
+  return says
 
 
 def rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -195,11 +252,15 @@ def write_report(root: str, results: dict[str, dict[str, Any]], timings: dict[st
       "scratch. Evaluated by `eval.main` on held-out synthetic images.", "",
       "## Results", "",
       "Accuracy / recall in %, with 95% Wilson intervals; n = scored samples (images for "
-      "image->text and classification, texts for text->image).", "",
-      "| metric | LIFT | CLIP | n |", "|---|---|---|---|"]
+      "image->text and classification, texts for text->image); chance = what random guessing "
+      "scores.", "",
+      "| metric | LIFT | CLIP | chance | n |", "|---|---|---|---|---|"]
   for r in rows(results):
     if "lift" in r and "clip" in r:
-      lines.append(f"| {r['metric']} | {_pct(r['lift'])} | {_pct(r['clip'])} | {r['lift'][3]} |")
+      c = chance(results["lift"], r["metric"])
+      lines.append(f"| {r['metric']} | {_pct(r['lift'])} | {_pct(r['clip'])} | "
+                   f"{'n/a' if c is None else f'{100 * c:.1f}'} | {r['lift'][3]} |")
+  lines += ["", "### What this says", "", " ".join(what_this_says(results))]
   gaps = text_encoder_gaps(root, results["lift"])
   if gaps:
     lines += ["", "### How far apart the frozen encoder puts the captions", "",
