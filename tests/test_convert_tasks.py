@@ -197,6 +197,7 @@ def test_three_tasks_in_any_order_with_one_killed_mid_shard(one_host, tmp_path):
   lines = embed.stderr.strip().splitlines()
   assert embed.returncode == 1 and len(lines) == 1, embed.stderr
   assert lines[0].startswith("python -m embed.main: error: ") and names[2] in lines[0]
+  assert "half-made set" in lines[0]
 
   # The killed task re-run as a Kubernetes indexed Job's pod redoes only its unfinished shard.
   rerun = subprocess.run(cli_args(tars, out), cwd=REPO, capture_output=True, text=True,

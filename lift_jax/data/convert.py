@@ -3,6 +3,11 @@ r"""Builds image shards (``images-XXXXX-of-YYYYY.array_record`` + ``manifest.jso
     python -m lift_jax.data.convert --output=DIR --tars='shards/*.tar' \
         [--extra_captions=recap.parquet]
     python -m lift_jax.data.convert --output=DIR --images=IMAGES_DIR --captions=captions.tsv
+    # many machines: the same command as task I of N (or under a SLURM array, a Kubernetes
+    # indexed Job, torchrun, srun: read from their variables), or as an Apache Beam pipeline
+    python -m lift_jax.data.convert ... --task_index=I --task_count=N
+    python -m lift_jax.data.convert --output=DIR --finalize
+    python -m lift_jax.data.convert ... --beam_runner=DirectRunner [--beam_options='...']
 
 Sources
 -------
@@ -37,6 +42,19 @@ After every finished shard the manifest is rewritten (``"complete": false`` unti
 re-run of the same command keeps the shards whose count and SHA-256 match the manifest, redoes the
 rest, and ends byte-identical to an uninterrupted run. A re-run with other options or other input
 is refused unless ``--overwrite`` is given.
+
+Many machines
+-------------
+Every task lists the whole input the same way (tars are read by ``--workers`` processes) and
+writes the contiguous block of shards ``[I*n//N, (I+1)*n//N)``: which records a shard holds does
+not depend on N. A task keeps its shards that verify, redoes the rest, and records each finished
+shard in ``manifest.d/``; ``manifest.json`` appears when the last shard of the set is finished
+(``--finalize`` verifies every shard and writes it, e.g. when the tasks' file system shows new
+files late). Until then readers (the trainer, ``embed.main``) refuse the folder, naming the
+unfinished shards. ``--beam_runner`` lists on this machine and lets Beam's workers write one whole
+shard per element (the items of each shard go through ``manifest.d/plan/``). Which task this is:
+:func:`lift_jax.common.task_of`. Shard files and manifest are the same, byte for byte (apart
+from its ``created`` time), on one machine, N tasks in any order, or Beam.
 
 Bad input (counted by reason, printed, stored in the manifest)
 --------------------------------------------------------------
@@ -539,6 +557,7 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
         bad_tars[tar_path] = "truncated"
         log(f"{tar_path}: cut short ({cut}); its {complete} complete members are kept, the "
             "samples it lost are counted as skipped/truncated_tar")
+      where = os.path.abspath(tar_path)  # one string shared by the tar's items
       for event in events:
         if event[0] == "member_twice":
           report.add(event[1], ("skipped/duplicate_key",))
@@ -564,7 +583,7 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
           continue
         h.update(json.dumps([key, size, fields], ensure_ascii=False, sort_keys=True,
                             default=str).encode())
-        items.append((key, ("tar", os.path.abspath(tar_path), offset, size), fields))
+        items.append((key, ("tar", where, offset, size), fields))
   return items, report, h.hexdigest()
 
 
@@ -763,8 +782,8 @@ flags.DEFINE_integer("task_index", None, "this task's index among --task_count t
                      "the output (default: from SLURM array / torchrun / SLURM task / Kubernetes "
                      "indexed Job variables)", flag_values=FLAGS)
 flags.DEFINE_integer("task_count", None, "how many tasks share the output (default: from the "
-                     f"scheduler's variables; a Kubernetes indexed Job needs ${common.TASK_COUNT_VAR} "
-                     "or this flag)", flag_values=FLAGS)
+                     "scheduler's variables; a Kubernetes indexed Job needs "
+                     f"${common.TASK_COUNT_VAR} or this flag)", flag_values=FLAGS)
 flags.DEFINE_bool("finalize", False, "verify every shard of a set written by tasks and write "
                   "manifest.json; needs only --output", flag_values=FLAGS)
 flags.DEFINE_string("beam_runner", None, "run as an Apache Beam pipeline on this runner "
