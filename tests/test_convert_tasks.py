@@ -179,8 +179,11 @@ def test_three_tasks_in_any_order_with_one_killed_mid_shard(one_host, tmp_path):
   assert killed.returncode == -9, killed.stderr
   names = [records.shard_name("images", i, 5) for i in range(5)]
   assert [n for n in os.listdir(out) if ".tmp-" in n][0].startswith(names[2])
+  temporary = [n for n in os.listdir(out) if ".tmp-" in n]
   run_convert(tars, out, {"task": common.Task(0, 3)})
   assert not os.path.exists(os.path.join(out, records.MANIFEST))  # shard 2 is not finished
+  # A task touches no other task's files: that temporary could be a live task's.
+  assert [n for n in os.listdir(out) if ".tmp-" in n] == temporary
 
   # Half-made: the trainer's reader and embed.main refuse it in one line naming the shard.
   config = config_lib.base("clip")
@@ -222,6 +225,13 @@ def test_readers_refuse_a_set_whose_tasks_have_not_all_finished(one_host, tmp_pa
   with pytest.raises(convert.ConvertError, match=f"{names[2]}: not finished"):
     convert.finalize(out, log=lambda line: None)
   run_convert(tars, out, {"task": common.Task(1, 2)})
+  # --finalize hashes every shard: a shard damaged after it was written is named.
+  shard = os.path.join(out, names[0])
+  data = bytearray(open(shard, "rb").read())
+  data[len(data) // 2] ^= 0xFF
+  open(shard, "wb").write(bytes(data))
+  with pytest.raises(convert.ConvertError, match=f"{names[0]}: SHA-256 differs"):
+    convert.finalize(out, log=lambda line: None)
   # A task killed after its shard was renamed into place but before its entry was written.
   os.remove(records.part_path(out, names[3]))
   os.remove(os.path.join(out, records.MANIFEST))
@@ -230,6 +240,7 @@ def test_readers_refuse_a_set_whose_tasks_have_not_all_finished(one_host, tmp_pa
   # An interrupted single-process run: its manifest says it is not complete.
   solo = str(tmp_path / "solo")
   run_convert(tars, solo)
+  assert convert.finalize(solo, log=lambda line: None)["total"] == 36  # checked, left as it is
   manifest = records.read_manifest(solo)
   records.write_manifest(solo, dict(manifest, complete=False, shards=manifest["shards"][:4]))
   with pytest.raises(records.RecordError, match=f"not complete.*1 of 5 .*{names[4]}"):
