@@ -86,6 +86,7 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -690,6 +691,9 @@ def convert(output: str, *, options: Options = Options(), workers: int | None = 
   if len(given) != 1:
     raise ConvertError("give one source: " + " or ".join(f"--{n}" for n in SOURCES) +
                        (", not both" if given else ""))
+  if beam_runner and importlib.util.find_spec("apache_beam") is None:
+    raise ConvertError(f"--beam_runner={beam_runner} needs Apache Beam, which is not installed: "
+                       "pip install -e '.[beam]'")
   if beam_runner and task is not None and task.count > 1:
     raise ConvertError(f"--beam_runner={beam_runner} with task {task.index} of {task.count}: "
                        "Beam spreads the shards over its own workers; run it once, without "

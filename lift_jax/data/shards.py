@@ -334,6 +334,15 @@ def write_image_shard(path: str, outcomes: Iterator[Outcome], count: int,
   return entry
 
 
+def _settings(kind: str, prefix: str, num_shards: int, identity: dict[str, Any],
+              info: dict[str, Any] | None, base_report: Report | None) -> dict[str, Any]:
+  """What a set is made with (``manifest.d/settings.json``): with the shards' entries, all that
+  its manifest is made of."""
+  return {"kind": kind, "prefix": prefix, "num_shards": num_shards,
+          "identity": normalise(identity), "info": normalise(info or {}),
+          "base_report": (base_report or Report()).to_dict()}
+
+
 def _prepare(folder: str, settings: dict[str, Any], mine: Sequence[int], many: bool,
              task_count: int, overwrite: bool, hint: str, error: type[Exception],
              log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
@@ -412,9 +421,7 @@ def build_shards(folder: str, shards: Sequence[Sequence[Any]], fn: Callable[[Any
   """
   error = error or ShardSetError
   n = len(shards)
-  settings = {"kind": kind, "prefix": prefix, "num_shards": n, "identity": normalise(identity),
-              "info": normalise(info or {}),
-              "base_report": (base_report or Report()).to_dict()}
+  settings = _settings(kind, prefix, n, identity, info, base_report)
   many = task is not None or (os.path.isdir(parts_dir(folder)) and not overwrite)
   task = task or common.Task()
   mine = task_shards(n, task) if many else range(n)
@@ -535,12 +542,14 @@ def build_shards_beam(folder: str, shards: Sequence[Sequence[Any]], fn: Callable
 
   error = error or ShardSetError
   n = len(shards)
-  settings = {"kind": kind, "prefix": prefix, "num_shards": n, "identity": normalise(identity),
-              "info": normalise(info or {}),
-              "base_report": (base_report or Report()).to_dict()}
+  settings = _settings(kind, prefix, n, identity, info, base_report)
   names = [records.shard_name(prefix, i, n) for i in range(n)]
   done = _prepare(folder, settings, range(n), True, 1, overwrite, mismatch_hint, error, log)
   pending = [i for i in range(n) if names[i] not in done]
+  if not pending:
+    final = finish_set(folder, error=error, log=log)
+    log(f"{folder}: all {n} shards are complete and verified; nothing to do")
+    return final
   plans = os.path.join(parts_dir(folder), PLANS)
   shutil.rmtree(plans, ignore_errors=True)
   os.makedirs(plans)
