@@ -121,12 +121,15 @@ sys.exit(convert.cli.run("convert", convert.main, sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def one_host(tmp_path_factory):
-  """The input and the single-process conversion everything is compared with."""
+  """The input and the conversion on one machine (the command line, --workers=2) that every
+  other way is compared with."""
   root = tmp_path_factory.mktemp("tasks")
   tars = make_input(root / "in")
   out = str(root / "one")
-  manifest = run_convert(tars, out)
-  return tars, out, manifest
+  run = subprocess.run(cli_args(tars, out)[:-2] + ["--workers=2", "--no_progress"], cwd=REPO,
+                       capture_output=True, text=True, env=environment(), timeout=300)
+  assert run.returncode == 0, run.stderr
+  return tars, out, records.read_manifest(out)
 
 
 def test_reference_run_reports_every_kind_of_bad_input(one_host):
