@@ -16,7 +16,7 @@ a SLURM job array or a Kubernetes indexed Job (the rule of lift_jax.common.task_
 WORLD_SIZE, SLURM_ARRAY_TASK_*, SLURM_PROCID / SLURM_NTASKS, JOB_COMPLETION_INDEX +
 LIFT_TASK_COUNT); each rank takes every WORLD_SIZE-th shard on its own GPU (LOCAL_RANK or
 SLURM_LOCALID). An image folder still being converted is refused. Re-running the same command
-resumes; `--config.verify=True` checks finished output. The fields are documented in embed/config.py.
+resumes; `--config.verify=True` checks finished output. embed/config.py documents the fields.
 """
 
 from absl import app

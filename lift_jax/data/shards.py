@@ -361,14 +361,13 @@ def _prepare(folder: str, settings: dict[str, Any], mine: Sequence[int], many: b
     if os.path.exists(manifest_path):
       os.remove(manifest_path)
     shutil.rmtree(parts_dir(folder), ignore_errors=True)
-  known: dict[str, dict[str, Any]] = {}
-  for where, path in ((manifest_path, manifest_path), (settings_path, settings_path)):
-    if os.path.exists(path):
-      old = records.read_manifest(folder) if path == manifest_path else read_json(path, error)
+  old_manifest = records.read_manifest(folder) if os.path.exists(manifest_path) else None
+  old_settings = read_json(settings_path, error) if os.path.exists(settings_path) else None
+  for where, old in ((manifest_path, old_manifest), (settings_path, old_settings)):
+    if old is not None:
       check_settings(where, old.get("identity") or {}, settings["identity"], hint, error,
                      what="input or options")
-  if os.path.exists(manifest_path):
-    known = {e["file"]: e for e in records.read_manifest(folder)["shards"]}
+  known = {e["file"]: e for e in old_manifest["shards"]} if old_manifest else {}
   if many:
     known.update(read_parts(folder, error))
   mine_names = {names[i] for i in mine}
