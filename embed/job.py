@@ -33,6 +33,7 @@ from embed import inputs, writer
 from embed.batching import PaddingStats, plan_batches
 from embed.config import POLICIES
 from embed.errors import EmbedError
+from lift_jax import common
 from lift_jax.data import records
 from lift_jax.data import shards
 
@@ -73,24 +74,11 @@ def log(message: str) -> None:
 
 
 def rank_info(env: dict[str, str] | None = None) -> tuple[int, int, int]:
-  """(rank, world size, local rank) from torchrun's or SLURM's variables; (0, 1, 0) alone."""
-  env = dict(os.environ if env is None else env)
-  if "RANK" in env or "WORLD_SIZE" in env:
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-  elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-    names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-  else:
-    return 0, 1, 0
-  defaults = ("0", "1", "0")
-  try:
-    rank, world, local = (int(env.get(n, d)) for n, d in zip(names, defaults))
-  except ValueError:
-    raise EmbedError(f"{'/'.join(names)} must be integers: "
-                     f"{[env.get(n) for n in names]}") from None
-  if world < 1 or not 0 <= rank < world or local < 0:
-    raise EmbedError(f"{names[0]}={rank}, {names[1]}={world}, {names[2]}={local} "
-                     "is not a valid rank")
-  return rank, world, local
+  """(rank, world size, local rank) of this process by the rule the converter uses too
+  (:func:`lift_jax.common.task_of`: torchrun, SLURM arrays and tasks, Kubernetes indexed Jobs);
+  (0, 1, 0) alone."""
+  task = common.task_of(env, error=EmbedError)
+  return task.index, task.count, task.local
 
 
 def check_config(cfg) -> str:
@@ -124,6 +112,7 @@ def check_config(cfg) -> str:
 def plan_tasks(cfg, mode: str) -> tuple[list[Task], dict[str, Any]]:
   """Every output shard of the job, and what the manifest says about the input."""
   if mode == "images":
+    records.check_finished(cfg.images, records.IMAGES)  # a half-made set is refused, by name
     sources = records.list_shards(cfg.images, records.IMAGES)
     n = len(sources)
     digests = image_digests(cfg.images, sources)

@@ -11,10 +11,12 @@ Texts (one per line, or a JSON list) -> a text bank keyed by the exact text, for
   python -m embed.main --config=embed/configs/nvembed_v2.py --config.texts=texts.json \
       --config.output=DIR
 
-Many processes: `torchrun --nproc_per_node=8 -m embed.main ...` or `srun python -m embed.main ...`
-(RANK / WORLD_SIZE / LOCAL_RANK, or SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID); each rank takes
-every WORLD_SIZE-th shard on its own GPU. Re-running the same command resumes;
-`--config.verify=True` checks finished output. The fields are documented in embed/config.py.
+Many processes: `torchrun --nproc_per_node=8 -m embed.main ...`, `srun python -m embed.main ...`,
+a SLURM job array or a Kubernetes indexed Job (the rule of lift_jax.common.task_of: RANK /
+WORLD_SIZE, SLURM_ARRAY_TASK_*, SLURM_PROCID / SLURM_NTASKS, JOB_COMPLETION_INDEX +
+LIFT_TASK_COUNT); each rank takes every WORLD_SIZE-th shard on its own GPU (LOCAL_RANK or
+SLURM_LOCALID). An image folder still being converted is refused. Re-running the same command
+resumes; `--config.verify=True` checks finished output. embed/config.py documents the fields.
 """
 
 from absl import app

@@ -17,7 +17,6 @@ a rank that writes the manifest after it). Re-running on one process rebuilds it
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Any
 
@@ -26,21 +25,17 @@ from lift_jax import common
 from lift_jax.data import records
 from lift_jax.data import shards
 
-PARTS = "manifest.d"
-SETTINGS = "settings.json"
+PARTS = records.PARTS
+SETTINGS = shards.SETTINGS
 COUNTERS = ("truncated", "empty", "undecodable", "missing", "nan", "failed")
 
 
 def parts_dir(output: str) -> str:
-  return os.path.join(output, PARTS)
+  return shards.parts_dir(output)
 
 
 def read_json(path: str) -> Any:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise EmbedError(f"{path}: not valid JSON ({e}); delete it to redo its shard") from None
+  return shards.read_json(path, EmbedError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,21 +80,16 @@ def read_settings(output: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def entry_path(output: str, shard_file: str) -> str:
-  return os.path.join(parts_dir(output), shard_file + ".json")
+  return records.part_path(output, shard_file)
 
 
 def write_entry(output: str, entry: dict[str, Any]) -> None:
-  common.write_json_atomic(entry_path(output, entry["file"]), entry)
+  shards.write_part(output, entry)
 
 
 def read_entries(output: str) -> dict[str, dict[str, Any]]:
   """{shard file: entry} of every shard whose part exists."""
-  entries: dict[str, dict[str, Any]] = {}
-  pattern = os.path.join(glob.escape(parts_dir(output)), "*.array_record.json")
-  for path in sorted(glob.glob(pattern)):
-    entry = read_json(path)
-    entries[entry["file"]] = entry
-  return entries
+  return shards.read_parts(output, EmbedError)
 
 
 def manifest_entries(output: str) -> dict[str, dict[str, Any]]:

@@ -171,7 +171,7 @@ def test_rank_info():
   assert job.rank_info({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == (3, 8, 3)
   slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "1"}
   assert job.rank_info(slurm) == (5, 6, 1)
-  with pytest.raises(EmbedError, match="not a valid rank"):
+  with pytest.raises(EmbedError, match="not a valid task"):
     job.rank_info({"RANK": "2", "WORLD_SIZE": "2"})
   with pytest.raises(EmbedError, match="integers"):
     job.rank_info({"RANK": "x", "WORLD_SIZE": "2"})

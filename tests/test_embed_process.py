@@ -39,7 +39,8 @@ def command(images, output, **fields):
 
 def environment(**extra):
   env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-  for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+  for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
+               "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
     env.pop(name, None)
   env.update(extra)
   return env

@@ -3,6 +3,11 @@ r"""Builds image shards (``images-XXXXX-of-YYYYY.array_record`` + ``manifest.jso
     python -m lift_jax.data.convert --output=DIR --tars='shards/*.tar' \
         [--extra_captions=recap.parquet]
     python -m lift_jax.data.convert --output=DIR --images=IMAGES_DIR --captions=captions.tsv
+    # many machines: the same command as task I of N (or under a SLURM array, a Kubernetes
+    # indexed Job, torchrun, srun: read from their variables), or as an Apache Beam pipeline
+    python -m lift_jax.data.convert ... --task_index=I --task_count=N
+    python -m lift_jax.data.convert --output=DIR --finalize
+    python -m lift_jax.data.convert ... --beam_runner=DirectRunner [--beam_options='...']
 
 Sources
 -------
@@ -38,6 +43,19 @@ re-run of the same command keeps the shards whose count and SHA-256 match the ma
 rest, and ends byte-identical to an uninterrupted run. A re-run with other options or other input
 is refused unless ``--overwrite`` is given.
 
+Many machines
+-------------
+Every task lists the whole input the same way (tars are read by ``--workers`` processes) and
+writes the contiguous block of shards ``[I*n//N, (I+1)*n//N)``: which records a shard holds does
+not depend on N. A task keeps its shards that verify, redoes the rest, and records each finished
+shard in ``manifest.d/``; ``manifest.json`` appears when the last shard of the set is finished
+(``--finalize`` verifies every shard and writes it, e.g. when the tasks' file system shows new
+files late). Until then readers (the trainer, ``embed.main``) refuse the folder, naming the
+unfinished shards. ``--beam_runner`` lists on this machine and lets Beam's workers write one whole
+shard per element (the items of each shard go through ``manifest.d/plan/``). Which task this is:
+:func:`lift_jax.common.task_of`. Shard files and manifest are the same, byte for byte (apart
+from its ``created`` time), on one machine, N tasks in any order, or Beam.
+
 Bad input (counted by reason, printed, stored in the manifest)
 --------------------------------------------------------------
 ``manifest["report"]`` is ``{"counts": {"written": n, "resized": n, "skipped/zero_byte": n,
@@ -63,15 +81,19 @@ EXIF orientation is not applied (as in the reference loader); animated images ke
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import math
+import multiprocessing
 import os
 import posixpath
+import shlex
 import sys
 import tarfile
 import tempfile
@@ -82,6 +104,7 @@ from absl import flags
 from PIL import Image
 
 from lift_jax import cli
+from lift_jax import common
 from lift_jax.data import captions as captions_lib
 from lift_jax.data import records
 from lift_jax.data import shards
@@ -340,46 +363,51 @@ def load_extra_captions(paths: Sequence[str], join_field: str, columns: Sequence
   return table
 
 
-def _sample_fields(key: str, group: dict[str, tarfile.TarInfo], tf: tarfile.TarFile,
-                   opts: Options, extra: dict[str, tuple] | None
-                   ) -> tuple[dict[str, Any] | None, str | None]:
-  """The record fields of one tar sample, or why it is skipped."""
+def _sample_caption(key: str, group: dict[str, tarfile.TarInfo], tf: tarfile.TarFile,
+                    opts: Options, join_in_json: bool
+                    ) -> tuple[str | None, Any, dict[str, Any], str | None]:
+  """(caption, join value, ``--json_fields`` values, why the sample is skipped or None) of one
+  tar sample, from its own members only."""
   json_field = opts.caption_source[5:] if opts.caption_source.startswith("json:") else None
   meta: dict[str, Any] = {}
-  if "json" in group and (json_field or opts.json_fields or
-                          (extra is not None and opts.join_field != "key")):
+  if "json" in group and (json_field or opts.json_fields or join_in_json):
     try:
       meta = json.loads(tf.extractfile(group["json"]).read())
     except UnicodeDecodeError:
-      return None, "undecodable_caption" if json_field else "bad_json"
+      return None, None, {}, "undecodable_caption" if json_field else "bad_json"
     except json.JSONDecodeError:
-      return None, "bad_json"
+      return None, None, {}, "bad_json"
     if not isinstance(meta, dict):
-      return None, "bad_json"
+      return None, None, {}, "bad_json"
   if json_field is None:
     if "txt" not in group:
-      return None, "missing_caption"
+      return None, None, {}, "missing_caption"
     try:
       caption = tf.extractfile(group["txt"]).read().decode("utf-8").strip()
     except UnicodeDecodeError:
-      return None, "undecodable_caption"
+      return None, None, {}, "undecodable_caption"
   else:
     value = meta.get(json_field)
     caption = value.strip() if isinstance(value, str) else ""
   if not caption:
-    return None, "missing_caption"
+    return None, None, {}, "missing_caption"
+  join = key if opts.join_field == "key" else meta.get(opts.join_field)
+  return caption, join, {n: meta[n] for n in opts.json_fields if n in meta}, None
+
+
+def _sample_fields(caption: str, join: Any, json_values: dict[str, Any], opts: Options,
+                   extra: dict[str, tuple] | None) -> tuple[dict[str, Any] | None, str | None]:
+  """The record fields of a sample with a caption (the extra captions joined), or why it is
+  skipped."""
   fields: dict[str, Any] = {"caption": caption}
   if extra is not None:
-    join = key if opts.join_field == "key" else meta.get(opts.join_field)
     row = extra.get(str(join)) if join is not None else None
     values = [v.strip() if isinstance(v, str) else v for v in (row or ())]
     if row is None or any(v is None or v == "" for v in values):
       return None, "missing_extra_caption"
     for (_, target), v in zip(opts.extra_fields, values):
       fields[target] = v
-  for name in opts.json_fields:
-    if name in meta:
-      fields[name] = meta[name]
+  fields.update(json_values)
   return fields, None
 
 
@@ -443,15 +471,67 @@ def _looks_like_empty_tar(path: str, size: int) -> bool:
     return not f.read(min(size, 1 << 16)).strip(b"\0")
 
 
+def _list_tar(tar_path: str, opts: Options, join_in_json: bool
+              ) -> tuple[str | None, str | None, int, list[tuple]]:
+  """What listing learns from one tar alone (so that tars are listed in parallel): why it is
+  unusable or None, why it is cut short or None, its complete members, and its events in
+  order: ``("member_twice", key)`` for a member name seen twice, then per sample
+  ``("no_image", key, reason)`` or ``("sample", key, images, reason, caption, join,
+  json_values, offset, size)``."""
+  members, lost, cut, problem = _tar_members(tar_path)
+  if problem is not None:
+    return problem, None, 0, []
+  # The samples of members cut off, and the last sample before the cut (it may have lost
+  # members that came after it), are counted as truncated_tar when incomplete.
+  cut_keys = {_sample_key(name) for name in lost}
+  if cut is not None and members:
+    cut_keys.add(_sample_key(members[-1].name))
+  events: list[tuple] = []
+  with open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for m in members:
+      if not m.isfile():
+        continue
+      dirname, base = posixpath.split(m.name)
+      dot = base.find(".")
+      if dot <= 0:
+        continue
+      key = posixpath.join(dirname, base[:dot])
+      group = groups.setdefault(key, {})
+      ext = base[dot + 1:].lower()
+      if ext in group:
+        events.append(("member_twice", key))  # the same member twice in one tar
+      else:
+        group[ext] = m
+    for name in lost:
+      groups.setdefault(_sample_key(name), {})  # a sample whose members were all cut off
+    for key, group in groups.items():
+      images = [e for e in IMAGE_EXTENSIONS if e in group]
+      if not images:
+        events.append(("no_image", key,
+                       "truncated_tar" if key in cut_keys else "missing_image"))
+        continue
+      caption, join, json_values, reason = _sample_caption(key, group, tf, opts, join_in_json)
+      if reason == "missing_caption" and key in cut_keys:
+        reason = "truncated_tar"
+      img = group[images[0]]
+      events.append(("sample", key, len(images), reason, caption, join, json_values,
+                     img.offset_data, img.size))
+  return None, cut, len(members), events
+
+
 def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] | None,
-                    log: Callable[[str], None] = print, bad_tars: dict[str, str] | None = None
+                    log: Callable[[str], None] = print, bad_tars: dict[str, str] | None = None,
+                    workers: int = 1
                     ) -> tuple[list[tuple[str, tuple, dict[str, Any]]], shards.Report, str]:
   """Items (key, location, record fields), the listing's report and a fingerprint of the input.
 
   A tar cut short keeps its complete samples (the rest are ``skipped/truncated_tar``, the tar is
   counted under ``tars/truncated``); a file that is not an uncompressed tar is skipped and
   counted under ``tars/<reason>``. Every such tar is named in the log and in ``bad_tars``
-  ({path: reason}).
+  ({path: reason}). ``workers`` processes read the tars; what depends on more than one tar
+  (duplicate keys, ``--limit``, the extra captions) is decided here, in tar order, so the result
+  does not depend on ``workers``.
   """
   bad_tars = {} if bad_tars is None else bad_tars
   if opts.caption_source != "txt" and not opts.caption_source.startswith("json:"):
@@ -461,69 +541,62 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
   seen: set[str] = set()
   listed = 0
   h = hashlib.sha256()
-  for tar_path in tars:
-    if opts.limit and listed >= opts.limit:
-      break
-    members, lost, cut, problem = _tar_members(tar_path)
-    if problem is not None:
-      report.add(tar_path, (f"tars/{problem}",))
-      bad_tars[tar_path] = problem
-      log(f"{tar_path}: skipped, {_TAR_PROBLEMS[problem]}")
-      continue
-    if cut is not None:
-      report.add(tar_path, ("tars/truncated",))
-      bad_tars[tar_path] = "truncated"
-      log(f"{tar_path}: cut short ({cut}); its {len(members)} complete members are kept, the "
-          "samples it lost are counted as skipped/truncated_tar")
-    # The samples of members cut off, and the last sample before the cut (it may have lost
-    # members that came after it), are counted as truncated_tar when incomplete.
-    cut_keys = {_sample_key(name) for name in lost}
-    if cut is not None and members:
-      cut_keys.add(_sample_key(members[-1].name))
-    with open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
-      groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-      for m in members:
-        if not m.isfile():
+  one_tar = functools.partial(_list_tar, opts=opts,
+                              join_in_json=extra is not None and opts.join_field != "key")
+  # --limit reads tars one by one: a parallel pool would read every tar of the input.
+  with _tar_pool(1 if opts.limit else min(workers, len(tars))) as imap:
+    for tar_path, (problem, cut, complete, events) in zip(tars, imap(one_tar, tars)):
+      if opts.limit and listed >= opts.limit:
+        break
+      if problem is not None:
+        report.add(tar_path, (f"tars/{problem}",))
+        bad_tars[tar_path] = problem
+        log(f"{tar_path}: skipped, {_TAR_PROBLEMS[problem]}")
+        continue
+      if cut is not None:
+        report.add(tar_path, ("tars/truncated",))
+        bad_tars[tar_path] = "truncated"
+        log(f"{tar_path}: cut short ({cut}); its {complete} complete members are kept, the "
+            "samples it lost are counted as skipped/truncated_tar")
+      where = os.path.abspath(tar_path)  # one string shared by the tar's items
+      for event in events:
+        if event[0] == "member_twice":
+          report.add(event[1], ("skipped/duplicate_key",))
           continue
-        dirname, base = posixpath.split(m.name)
-        dot = base.find(".")
-        if dot <= 0:
-          continue
-        key = posixpath.join(dirname, base[:dot])
-        group = groups.setdefault(key, {})
-        ext = base[dot + 1:].lower()
-        if ext in group:
-          report.add(key, ("skipped/duplicate_key",))  # the same member twice in one tar
-        else:
-          group[ext] = m
-      for name in lost:
-        groups.setdefault(_sample_key(name), {})  # a sample whose members were all cut off
-      for key, group in groups.items():
         if opts.limit and listed >= opts.limit:
           break
         listed += 1
-        images = [e for e in IMAGE_EXTENSIONS if e in group]
-        if not images:
-          report.add(key, ("skipped/truncated_tar",) if key in cut_keys
-                     else ("skipped/missing_image",))
+        if event[0] == "no_image":
+          report.add(event[1], (f"skipped/{event[2]}",))
           continue
+        _, key, images, reason, caption, join, json_values, offset, size = event
         if key in seen:
           report.add(key, ("skipped/duplicate_key",))
           continue
         seen.add(key)
-        for _ in images[1:]:
+        for _ in range(images - 1):
           report.add(key, ("skipped/duplicate_key",))  # KEY.jpg and KEY.png: which is meant?
-        fields, reason = _sample_fields(key, group, tf, opts, extra)
-        if reason == "missing_caption" and key in cut_keys:
-          reason = "truncated_tar"
+        fields = None
+        if reason is None:
+          fields, reason = _sample_fields(caption, join, json_values, opts, extra)
         if reason is not None:
           report.add(key, (f"skipped/{reason}",))
           continue
-        img = group[images[0]]
-        h.update(json.dumps([key, img.size, fields], ensure_ascii=False, sort_keys=True,
+        h.update(json.dumps([key, size, fields], ensure_ascii=False, sort_keys=True,
                             default=str).encode())
-        items.append((key, ("tar", os.path.abspath(tar_path), img.offset_data, img.size), fields))
+        items.append((key, ("tar", where, offset, size), fields))
   return items, report, h.hexdigest()
+
+
+@contextlib.contextmanager
+def _tar_pool(workers: int):
+  """An ordered ``imap`` over ``workers`` processes (the built-in ``map`` for one)."""
+  if workers <= 1:
+    yield map
+    return
+  # spawn, not fork: callers (the trainer) may hold JAX threads, which fork would copy broken.
+  with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    yield functools.partial(pool.imap, chunksize=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +619,8 @@ def _expand(patterns: Sequence[str], what: str) -> list[str]:
   return paths
 
 
-# A source format: a function (inputs, options, log) -> Listing, selected by its input flag.
+# A source format: a function (inputs, options, log, workers) -> Listing, selected by its input
+# flag; ``workers`` processes may share the reading, the listing must not depend on them.
 @dataclasses.dataclass
 class Listing:
   items: list[tuple[str, tuple, dict[str, Any]]]  # (key, location, record fields), in order
@@ -556,8 +630,10 @@ class Listing:
   fields: list[str]  # the record fields written
 
 
-def list_tars(inputs: dict[str, Any], options: Options, log: Callable[[str], None]) -> Listing:
-  """``--tars`` (webdataset tars, with optional ``--extra_captions`` parquet files)."""
+def list_tars(inputs: dict[str, Any], options: Options, log: Callable[[str], None],
+              workers: int = 1) -> Listing:
+  """``--tars`` (webdataset tars, with optional ``--extra_captions`` parquet files), read by
+  ``workers`` processes."""
   tar_paths = _expand(inputs["tars"], "tar")
   extra_captions = inputs.get("extra_captions") or ()
   report = shards.Report()
@@ -567,7 +643,8 @@ def list_tars(inputs: dict[str, Any], options: Options, log: Callable[[str], Non
     extra = load_extra_captions(_expand(extra_captions, "parquet"), options.join_field, columns,
                                 report)
   bad_tars: dict[str, str] = {}
-  items, listing, fingerprint = list_webdataset(tar_paths, options, extra, log, bad_tars)
+  items, listing, fingerprint = list_webdataset(tar_paths, options, extra, log, bad_tars,
+                                                workers)
   listing.merge(report.to_dict())
   source = {"type": "webdataset", "tars": [os.path.abspath(p) for p in tar_paths],
             "bad_tars": {os.path.abspath(p): why for p, why in bad_tars.items()},
@@ -577,10 +654,10 @@ def list_tars(inputs: dict[str, Any], options: Options, log: Callable[[str], Non
   return Listing(items, listing, fingerprint, source, fields + list(options.json_fields))
 
 
-def list_image_folder(inputs: dict[str, Any], options: Options, log: Callable[[str], None]
-                      ) -> Listing:
+def list_image_folder(inputs: dict[str, Any], options: Options, log: Callable[[str], None],
+                      workers: int = 1) -> Listing:
   """``--images`` (a folder, searched recursively) with ``--captions``."""
-  del log
+  del log, workers
   images, captions = inputs["images"], inputs.get("captions")
   if not captions:
     raise ConvertError("an image folder needs --captions")
@@ -591,7 +668,7 @@ def list_image_folder(inputs: dict[str, Any], options: Options, log: Callable[[s
 
 
 # The source formats, by the input flag that selects each (see the README's "Extending").
-SOURCES: dict[str, Callable[[dict[str, Any], Options, Callable[[str], None]], Listing]] = {
+SOURCES: dict[str, Callable[[dict[str, Any], Options, Callable[[str], None], int], Listing]] = {
     "tars": list_tars,
     "images": list_image_folder,
 }
@@ -599,16 +676,31 @@ SOURCES: dict[str, Callable[[dict[str, Any], Options, Callable[[str], None]], Li
 
 def convert(output: str, *, options: Options = Options(), workers: int | None = None,
             progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
-            **inputs) -> dict[str, Any]:
+            task: common.Task | None = None, beam_runner: str | None = None,
+            beam_options: Sequence[str] = (), **inputs) -> dict[str, Any]:
   """Converts the input one source format names (``tars=[...]``, or ``images=DIR`` with
   ``captions=FILE``; see :data:`SOURCES`). Returns the manifest; see the module docstring for the
-  options and the report."""
+  options and the report.
+
+  ``task`` makes this run one task of many (it writes its block of shards; ``manifest.json``
+  appears when the last shard of the set is written); ``beam_runner`` runs the conversion as an
+  Apache Beam pipeline on that runner, with Beam's ``beam_options``. Every way gives the same
+  shard files and manifest.
+  """
   given = [name for name in SOURCES if inputs.get(name)]
   if len(given) != 1:
     raise ConvertError("give one source: " + " or ".join(f"--{n}" for n in SOURCES) +
                        (", not both" if given else ""))
+  if beam_runner and importlib.util.find_spec("apache_beam") is None:
+    raise ConvertError(f"--beam_runner={beam_runner} needs Apache Beam, which is not installed: "
+                       "pip install -e '.[beam]'")
+  if beam_runner and task is not None and task.count > 1:
+    raise ConvertError(f"--beam_runner={beam_runner} with task {task.index} of {task.count}: "
+                       "Beam spreads the shards over its own workers; run it once, without "
+                       "--task_index/--task_count (or outside the scheduler's array)")
+  workers = workers if workers is not None else (os.cpu_count() or 1)
   listing_start = time.perf_counter()
-  listing = SOURCES[given[0]](inputs, options, log)
+  listing = SOURCES[given[0]](inputs, options, log, workers)
   items = listing.items
   listed = len(items) + sum(listing.report.section("skipped").values())
   log(f"listed {listed} samples in {time.perf_counter() - listing_start:.1f} s: {len(items)} to "
@@ -620,11 +712,31 @@ def convert(output: str, *, options: Options = Options(), workers: int | None = 
   identity = {"options": {**options.output_options(), "num_shards": num_shards},
               "input_sha256": listing.fingerprint, "items": len(items)}
   info = {"source": listing.source, "fields": listing.fields, "options": identity["options"]}
+  common_args = dict(identity=identity, info=info, base_report=listing.report,
+                     overwrite=overwrite, error=ConvertError, log=log)
+  if beam_runner:
+    return shards.build_shards_beam(output, slices, functools.partial(process_item, options),
+                                    runner=beam_runner, beam_options=beam_options, **common_args)
+  if task is not None:
+    mine = shards.task_shards(num_shards, task)
+    who = f"task {task.index} of {task.count}" + (f" (from {task.source})" if task.source else "")
+    log(f"{who}: shards {mine.start} to {mine.stop - 1} of {num_shards}" if mine else
+        f"{who}: none of the {num_shards} shards (more tasks than shards)")
   return shards.build_shards(
-      output, slices, functools.partial(process_item, options), identity=identity, info=info,
-      base_report=listing.report,
-      workers=workers if workers is not None else (os.cpu_count() or 1), chunksize=16,
-      progress=progress, overwrite=overwrite, error=ConvertError, log=log)
+      output, slices, functools.partial(process_item, options),
+      workers=workers, chunksize=16,
+      progress=progress, task=task, **common_args)
+
+
+def finalize(output: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Checks every shard of a set written by tasks against its entry (SHA-256, record count) and
+  writes ``manifest.json``; raises naming each unfinished or damaged shard."""
+  if not os.path.isdir(output):
+    raise ConvertError(f"--output={output} is not a folder")
+  manifest = shards.finish_set(output, verify=True, error=ConvertError, log=log)
+  log(f"{output}: {manifest['num_shards']} shards, {manifest['total']} records, all verified\n"
+      f"{shards.Report(manifest['report']).summary()}")
+  return manifest
 
 
 FLAGS = flags.FlagValues()
@@ -669,6 +781,21 @@ flags.DEFINE_integer("workers", os.cpu_count() or 1,
 flags.DEFINE_bool("overwrite", False, "discard an existing output made with other input or "
                   "options", flag_values=FLAGS)
 flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=FLAGS)
+# Many machines.
+flags.DEFINE_integer("task_index", None, "this task's index among --task_count tasks that share "
+                     "the output (default: from SLURM array / torchrun / SLURM task / Kubernetes "
+                     "indexed Job variables)", flag_values=FLAGS)
+flags.DEFINE_integer("task_count", None, "how many tasks share the output (default: from the "
+                     "scheduler's variables; a Kubernetes indexed Job needs "
+                     f"${common.TASK_COUNT_VAR} or this flag)", flag_values=FLAGS)
+flags.DEFINE_bool("finalize", False, "verify every shard of a set written by tasks and write "
+                  "manifest.json; needs only --output", flag_values=FLAGS)
+flags.DEFINE_string("beam_runner", None, "run as an Apache Beam pipeline on this runner "
+                    "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...)",
+                    flag_values=FLAGS)
+flags.DEFINE_multi_string("beam_options", [], "Beam pipeline options, passed on as they are "
+                          "(e.g. --beam_options='--project=P --region=R'); repeatable",
+                          flag_values=FLAGS)
 
 
 def _split_list(values: Sequence[str]) -> list[str]:
@@ -681,6 +808,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   cli.parse_flags(FLAGS, sys.argv[1:] if argv is None else argv, __doc__)
   if not FLAGS.output:
     raise cli.UsageError("--output=DIR is required: the folder to write the shards into")
+  if FLAGS.finalize:
+    return finalize(FLAGS.output)
+  task = common.task_of(index=FLAGS.task_index, count=FLAGS.task_count, error=ConvertError)
   extra_fields = []
   for pair in _split_list([FLAGS.extra_fields]):
     column, _, field = pair.partition(":")
@@ -694,7 +824,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   return convert(FLAGS.output, tars=_split_list(FLAGS.tars), images=FLAGS.images,
                  captions=FLAGS.captions, extra_captions=_split_list(FLAGS.extra_captions),
                  options=options, workers=FLAGS.workers, progress=not FLAGS.no_progress,
-                 overwrite=FLAGS.overwrite)
+                 overwrite=FLAGS.overwrite, task=task if task.count > 1 else None,
+                 beam_runner=FLAGS.beam_runner,
+                 beam_options=[o for v in FLAGS.beam_options for o in shlex.split(v)])
 
 
 if __name__ == "__main__":

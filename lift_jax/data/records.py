@@ -14,7 +14,10 @@ Shards are ArrayRecord files written with ``group_size:1`` (random access), name
 
 Each folder of shards carries a ``manifest.json`` (see :func:`write_manifest`) with per-shard
 record counts and SHA-256 digests, so that an interrupted job can tell finished shards from
-damaged ones (:mod:`lift_jax.data.shards` writes folders of shards resumably). An embedding
+damaged ones (:mod:`lift_jax.data.shards` writes folders of shards resumably). A folder written by
+many tasks at once also holds ``manifest.d/`` (:data:`PARTS`): the entry of each finished shard,
+written by the task that wrote the shard, from which ``manifest.json`` is assembled; until then
+the set is half-made and readers refuse it (:func:`check_finished`). An embedding
 folder's entries also carry ``image_sha256``, the digest of the image shard they were computed
 from as the image folder's manifest recorded it; embeddings and text banks record their encoder
 settings (:data:`ENCODER_SETTINGS`, compared by :func:`check_same_encoder`).
@@ -49,6 +52,7 @@ from lift_jax import cli, common
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+PARTS = "manifest.d"  # a set written by many tasks: one entry per finished shard, and settings
 IMAGES = "images"
 EMBEDDINGS = "embeddings"
 BANK = "bank"
@@ -329,6 +333,47 @@ def code_version() -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def part_path(folder: str, shard_file: str) -> str:
+  """Where the manifest entry of one finished shard of a many-task set is kept."""
+  return os.path.join(folder, PARTS, shard_file + ".json")
+
+
+def check_finished(folder: str, prefix: str) -> None:
+  """Refuses a half-made set of ``prefix`` shards in one line naming the unfinished shards.
+
+  Half-made: ``manifest.json`` says ``"complete": false`` (a job still running, or stopped), or
+  there is no ``manifest.json`` but ``manifest.d/`` holds the entries of a job of many tasks
+  (some tasks have not finished, or no task has assembled the manifest yet). A folder with
+  neither (shards written by hand) passes. Opens no shard.
+  """
+  if os.path.exists(os.path.join(folder, MANIFEST)):
+    manifest = read_manifest(folder)
+    if manifest.get("complete") is not False:
+      return
+    done = {e.get("file") for e in manifest["shards"] if isinstance(e, dict)}
+    n = manifest.get("num_shards")
+    state = f"its {MANIFEST} says it is not complete"
+  elif os.path.isdir(os.path.join(folder, PARTS)):
+    done = {name[:-len(".json")] for name in os.listdir(os.path.join(folder, PARTS))
+            if name.endswith(".array_record.json")}
+    n = None
+    state = f"{PARTS}/ holds the shards of a job of many tasks and there is no {MANIFEST} yet"
+  else:
+    return
+  if not isinstance(n, int):
+    sizes = {int(m["n"]) for m in map(_SHARD_RE.match, done | set(os.listdir(folder)))
+             if m and m["prefix"] == prefix}
+    n = max(sizes, default=0)
+  missing = [shard_name(prefix, i, n) for i in range(n) if shard_name(prefix, i, n) not in done]
+  names = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+  unfinished = (f"{len(missing)} of {n} shards are not finished: {names}" if missing else
+                "every shard is listed but the manifest was not marked complete")
+  fix = ("re-run the tasks that own them (the same convert command with their --task_index), "
+         "then python -m lift_jax.data.convert --finalize --output=" + folder
+         if prefix == IMAGES else "re-run the job that writes it (python -m embed.main ...)")
+  raise RecordError(f"{folder} is a half-made set ({state}); {unfinished}; {fix}")
+
+
 def shard_counts(folder: str, prefix: str, warn=None
                  ) -> tuple[list[str], list[int], dict[str, Any]]:
   """(shard paths, record counts, manifest) of a folder, counts read from its manifest.
@@ -336,8 +381,9 @@ def shard_counts(folder: str, prefix: str, warn=None
   Opens no shard: at 40,000 shards on network storage, opening each one costs minutes. A shard
   on disk that the manifest does not list is an error naming it. A folder without a manifest
   (shards written by hand) or an entry without a ``count`` falls back to opening those shards,
-  said once through ``warn``.
+  said once through ``warn``. A half-made set (see :func:`check_finished`) is refused.
   """
+  check_finished(folder, prefix)
   paths = list_shards(folder, prefix)
   if not os.path.exists(os.path.join(folder, MANIFEST)):
     if warn is not None:
