@@ -31,6 +31,10 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   c.keep_checkpoint_every_steps = config_dict.placeholder(int)
   c.async_checkpoints = True
   c.tensorboard = True
+  c.wandb = ml_collections.ConfigDict({
+      "project": config_dict.placeholder(str), "entity": config_dict.placeholder(str),
+      "name": config_dict.placeholder(str), "group": config_dict.placeholder(str), "tags": (),
+      "mode": config_dict.placeholder(str)})
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1,
                                       "num_devices": config_dict.placeholder(int)})
   c.sharding_rules = ((".*", "replicated"),)
@@ -149,6 +153,14 @@ DOCS = {
     "async_checkpoints": "Write checkpoints in the background.",
     "tensorboard": "Write TensorBoard event files (needs tensorflow; metrics.jsonl is always "
                    "written).",
+    "wandb.project": "Also log to this Weights & Biases project: the same scalars, each "
+                     "evaluation as a table, the config (needs the wandb extra); None = off.",
+    "wandb.entity": "W&B user or team (None: the logged-in user's default).",
+    "wandb.name": "W&B run name (None: the workdir's folder name).",
+    "wandb.group": "W&B group, e.g. one per experiment.",
+    "wandb.tags": "W&B tags.",
+    "wandb.mode": "'online', 'offline' (no network; upload later with `wandb sync`) or "
+                  "'disabled'; None = wandb's default (WANDB_MODE).",
     "mesh.data": "Data-parallel axis size; -1 = the devices left after fsdp.",
     "mesh.fsdp": "FSDP axis size (parameters and optimizer state sharded over it by "
                  "sharding_rules); -1 = the devices left after data.",

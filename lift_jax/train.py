@@ -316,7 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if evaluators else None
 
   # ---------------------------------------------------------------- loop
-  writer = MetricWriter(workdir, primary, tensorboard=config.tensorboard, resume_step=start_step)
+  writer = MetricWriter(workdir, primary, tensorboard=config.tensorboard, resume_step=start_step,
+                        wandb=config.get("wandb"), run_config=ckpt.config_to_dict(config))
   skips = SkipReport(workdir, primary, max_skipped=config.data.max_skipped,
                      max_fraction=config.data.max_skipped_fraction,
                      sources={"images": config.data.images, "embeddings": config.data.embeddings})
