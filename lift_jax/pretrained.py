@@ -128,6 +128,7 @@ def import_checkpoint(checkpoint: str, config, output: str, overwrite: bool = Fa
   """Writes the parameters of a PyTorch, OpenCLIP-folder or Hugging Face checkpoint, converted
   for ``config``'s model, as a params-only lift_jax checkpoint in ``output``; returns the step
   folder."""
+  output = os.path.abspath(os.path.expanduser(output))  # orbax writes absolute paths only
   ckpt.prepare_import_output(output, overwrite)
   model_cfg = config_lib.model_config(config.model.to_dict())
   if weights.is_open_clip_dir(checkpoint):
