@@ -36,7 +36,6 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file

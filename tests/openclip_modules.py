@@ -47,7 +47,7 @@ def model_module():
   spec = importlib.util.find_spec("open_clip")
   if spec is None:
     unavailable("open_clip is not installed; pip install --no-deps open_clip_torch==3.3.0")
-  import transformers  # noqa: F401 - imported first: it probes for torchvision when imported
+  import transformers  # noqa: F401 - first: it probes for torchvision when imported
 
   package = types.ModuleType("open_clip")
   package.__path__ = list(spec.submodule_search_locations)

@@ -3,7 +3,6 @@ forward on the exported files against lift_jax's (float32, a LIFT and a CLIP run
 in place when they load, bit-identical parameters back through the importer, the manifest, and
 the refusal of a tower a format cannot express."""
 
-import json
 import os
 import subprocess
 import sys

@@ -1,5 +1,5 @@
 """PyTorch checkpoints (OpenCLIP / the official LIFT release, Hugging Face CLIP) as this project's
-parameters: the one place that knows both naming schemes.
+parameters, and back: the one place that knows both naming schemes.
 
 Used by :mod:`lift_jax.pretrained` (``model.init_from``, ``import_checkpoint``) and by the command
 ``python -m lift_jax.tools.import_torch``. OpenCLIP state dicts are accepted bare or as
@@ -47,6 +47,16 @@ post_layernorm of the class token, HF's ``pooler_output``; with the projection, 
 
 The head count (``num_attention_heads``) and LayerNorm epsilon are not visible in the tensors'
 shapes; they are checked against config.json too.
+
+OpenCLIP folders (``open_clip_config.json`` + ``open_clip_model.safetensors``, the layout of
+OpenCLIP's hub and ``local-dir:`` loading) are read by :func:`load_open_clip_dir`, with a lift_jax
+export's ``lift_head.safetensors`` and without the placeholder tensors its manifest lists.
+
+The other direction, used by :mod:`lift_jax.export`: :func:`to_openclip` (our parameters ->
+OpenCLIP names; checked against the map above, so :func:`convert` gives them back exactly),
+:func:`openclip_to_hf_clip` (-> Hugging Face names, q, k, v split), and the config files of both
+formats (:func:`hf_vision_config`, :func:`hf_preprocessor_config`,
+:func:`open_clip_model_config`); :func:`export_problems` names what a format cannot express.
 """
 
 from __future__ import annotations
