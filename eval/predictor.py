@@ -177,7 +177,7 @@ class Predictor:
     self.mode = model.mode
     self.embed_dim = int(model.embed_dim)
     self.image_size = int(image_size or model.image_size)
-    self.resize_size = int(resize_size or round(self.image_size * 256 / 224))
+    self.resize_size = transforms.eval_resize_size(self.image_size, resize_size)
     self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     self.workers = max(1, int(workers))
     self._batch_sharding = shd.batch_sharding(self.mesh)

@@ -33,6 +33,10 @@ def base(mode: str = "lift") -> ml_collections.ConfigDict:
   c.fresh_start_if_damaged = False
   c.lock_stale_seconds = 600.0
   c.tensorboard = True
+  c.wandb = ml_collections.ConfigDict({
+      "project": config_dict.placeholder(str), "entity": config_dict.placeholder(str),
+      "name": config_dict.placeholder(str), "group": config_dict.placeholder(str), "tags": (),
+      "mode": config_dict.placeholder(str)})
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1,
                                       "num_devices": config_dict.placeholder(int)})
   c.sharding_rules = ((".*", "replicated"),)
@@ -160,6 +164,14 @@ DOCS = {
                           "(its holder is gone); a live holder refreshes it every quarter.",
     "tensorboard": "Write TensorBoard event files (needs tensorflow; metrics.jsonl is always "
                    "written).",
+    "wandb.project": "Also log to this Weights & Biases project: the same scalars, each "
+                     "evaluation as a table, the config (needs the wandb extra); None = off.",
+    "wandb.entity": "W&B user or team (None: the logged-in user's default).",
+    "wandb.name": "W&B run name (None: the workdir's folder name).",
+    "wandb.group": "W&B group, e.g. one per experiment.",
+    "wandb.tags": "W&B tags.",
+    "wandb.mode": "'online', 'offline' (no network; upload later with `wandb sync`) or "
+                  "'disabled'; None = wandb's default (WANDB_MODE).",
     "mesh.data": "Data-parallel axis size; -1 = the devices left after fsdp.",
     "mesh.fsdp": "FSDP axis size (parameters and optimizer state sharded over it by "
                  "sharding_rules); -1 = the devices left after data.",

@@ -223,11 +223,18 @@ def load_into(params, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any]
 
 
 def import_checkpoint(checkpoint: str, config, output: str, overwrite: bool = False) -> str:
-  """Writes the parameters of a PyTorch or Hugging Face checkpoint, converted for ``config``'s
-  model, as a params-only lift_jax checkpoint in ``output``; returns the step folder."""
+  """Writes the parameters of a PyTorch, OpenCLIP-folder or Hugging Face checkpoint, converted
+  for ``config``'s model, as a params-only lift_jax checkpoint in ``output``; returns the step
+  folder."""
+  output = os.path.abspath(os.path.expanduser(output))  # orbax writes absolute paths only
   ckpt.prepare_import_output(output, overwrite)
-  model_cfg = config.model.to_dict()
-  if weights.is_hf_checkpoint(checkpoint):
+  model_cfg = config_lib.model_config(config.model.to_dict())
+  if weights.is_open_clip_dir(checkpoint):
+    state, oc_config = weights.load_open_clip_dir(checkpoint)
+    problems = weights.open_clip_config_problems(oc_config, model_cfg)
+    if problems:
+      raise weights.StateDictError(f"{checkpoint}: " + "; ".join(problems))
+  elif weights.is_hf_checkpoint(checkpoint):
     state, hf_config = weights.load_hf_clip(checkpoint)
     problems = weights.hf_config_problems(hf_config, model_cfg)
     if problems:

@@ -1,5 +1,6 @@
 """A saved config as a config file: ``--config=WORKDIR/config.json`` (or a workdir, checkpoints
-folder or step folder) runs, evaluates or checks with the config a run wrote, and
+folder or step folder, or an export's ``lift_jax_export.json``, which records its run's config)
+runs, evaluates, imports or checks with the config a run wrote, and
 ``--config.KEY=VALUE`` overrides apply to it as to a ``configs/*.py`` file.
 
 Every command's flag parser (:func:`lift_jax.cli.flags_parser`) turns ``--config=PATH.json`` into
@@ -37,9 +38,15 @@ def load(path: str) -> ml_collections.ConfigDict:
     raise cli.UsageError(f"--config={path}: no such file") from None
   except json.JSONDecodeError as e:
     raise cli.UsageError(f"--config={path} is not valid JSON ({e})") from None
+  if isinstance(data, dict) and isinstance(data.get("run"), dict):
+    if "config" in data["run"]:
+      data = data["run"]["config"]  # a lift_jax export's manifest: its run's config
+    else:
+      data = {k: v for k, v in data.items() if k != "run"}  # a workdir's record of its data
   if not isinstance(data, dict) or "model" not in data:
     raise cli.UsageError(f"--config={path} is not a saved lift_jax config (no 'model' section); "
-                         "give a configs/*.py file or a workdir's config.json")
+                         "give a configs/*.py file, a workdir's config.json or an export's "
+                         "lift_jax_export.json")
   return ml_collections.ConfigDict(data)
 
 

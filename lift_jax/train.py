@@ -387,7 +387,8 @@ def _loop(config, workdir, mngr, setup, state, batches, runner, mesh, start_step
   """Steps from ``start_step`` to ``config.total_steps``: logging, checkpoints, evaluations, the
   checks that stop a run, preemption."""
   primary, total_steps, step = jax.process_index() == 0, int(config.total_steps), start_step
-  writer = MetricWriter(workdir, primary, tensorboard=config.tensorboard, resume_step=start_step)
+  writer = MetricWriter(workdir, primary, tensorboard=config.tensorboard, resume_step=start_step,
+                        wandb=config.get("wandb"), run_config=ckpt.config_to_dict(config))
   skips = SkipReport(workdir, primary, max_skipped=config.data.max_skipped,
                      max_fraction=config.data.max_skipped_fraction,
                      sources={"images": config.data.images, "embeddings": config.data.embeddings})

@@ -21,6 +21,10 @@ if [ ! -f "$stamp" ] || [ "$REPO/setup.py" -nt "$stamp" ]; then
   "$VENV_PY" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   "$VENV_PY" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
   "$VENV_PY" -m pip install -q -e "$REPO[embed,test,demo]" 2>&1 | grep -v "is ignored" || true
+  # OpenCLIP's model code for the export tests, without its dependencies (its torchvision
+  # would not import beside the CPU torch; the tests load the model classes without it).
+  "$VENV_PY" -m pip install -q --no-deps "open_clip_torch==3.3.0" 2>&1 | grep -v "is ignored" \
+    || true
   "$VENV_PY" -c "import jax, flax, grain, torch, transformers, lift_jax, embed, eval" \
     || { echo "[env] installation failed" >&2; exit 1; }
   touch "$stamp"

@@ -126,6 +126,12 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
   return np.asarray(out, dtype=np.uint8)
 
 
+def eval_resize_size(image_size: int, resize_size: int | None = None) -> int:
+  """The shorter side evaluation resizes to before CenterCrop(image_size): ``resize_size``, or
+  by default image_size * 256 / 224 (Resize(256) -> CenterCrop(224) at 224 px)."""
+  return int(resize_size or round(image_size * 256 / 224))
+
+
 def resize_center_crop(img: Image.Image, resize: int, crop: int) -> np.ndarray:
   """Resize the shorter side to ``resize`` (bicubic), then take the central ``crop`` square."""
   w, h = img.size

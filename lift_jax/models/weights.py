@@ -1,5 +1,5 @@
 """PyTorch checkpoints (OpenCLIP / the official LIFT release, Hugging Face CLIP) as this project's
-parameters: the one place that knows both naming schemes.
+parameters, and back: the one place that knows both naming schemes.
 
 Used by :mod:`lift_jax.pretrained` (``model.init_from``, ``import_checkpoint``) and by the command
 ``python -m lift_jax.tools.import_torch``. OpenCLIP state dicts are accepted bare or as
@@ -47,12 +47,23 @@ post_layernorm of the class token, HF's ``pooler_output``; with the projection, 
 
 The head count (``num_attention_heads``) and LayerNorm epsilon are not visible in the tensors'
 shapes; they are checked against config.json too.
+
+OpenCLIP folders (``open_clip_config.json`` + ``open_clip_model.safetensors``, the layout of
+OpenCLIP's hub and ``local-dir:`` loading) are read by :func:`load_open_clip_dir`, with a lift_jax
+export's ``lift_head.safetensors`` and without the placeholder tensors its manifest lists.
+
+The other direction, used by :mod:`lift_jax.export`: :func:`to_openclip` (our parameters ->
+OpenCLIP names; checked against the map above, so :func:`convert` gives them back exactly),
+:func:`openclip_to_hf_clip` (-> Hugging Face names, q, k, v split), and the config files of both
+formats (:func:`hf_vision_config`, :func:`hf_preprocessor_config`,
+:func:`open_clip_model_config`); :func:`export_problems` names what a format cannot express.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 from typing import Any, Mapping
@@ -80,6 +91,17 @@ _BLOCK = {
     "mlp.c_proj.bias": ("mlp", "c_proj", "bias"),
 }
 _LN = {"weight": "scale", "bias": "bias"}
+_SIMPLE = {
+    "visual.conv1.weight": (("visual", "conv1"), "conv"),
+    "visual.class_embedding": (("visual", "class_embedding"), "copy"),
+    "visual.positional_embedding": (("visual", "positional_embedding"), "copy"),
+    "visual.proj": (("head", "kernel"), "copy"),
+    "token_embedding.weight": (("text", "token_embedding"), "copy"),
+    "positional_embedding": (("text", "positional_embedding"), "copy"),
+    "text_projection": (("text", "text_projection"), "copy"),
+    "logit_scale": (("logit_scale",), "scalar"),
+    "logit_bias": (("logit_bias",), "scalar"),
+}
 
 
 @cli.user_error
@@ -117,18 +139,7 @@ def _target(name: str) -> tuple[tuple[Any, ...], str] | None:
       return None  # odd indices are the GELUs between the Linears: no parameters
     return ("head", "layers", idx // 2, "kernel" if m[2] == "weight" else "bias"), (
         "linear" if m[2] == "weight" else "copy")
-  simple = {
-      "visual.conv1.weight": (("visual", "conv1"), "conv"),
-      "visual.class_embedding": (("visual", "class_embedding"), "copy"),
-      "visual.positional_embedding": (("visual", "positional_embedding"), "copy"),
-      "visual.proj": (("head", "kernel"), "copy"),
-      "token_embedding.weight": (("text", "token_embedding"), "copy"),
-      "positional_embedding": (("text", "positional_embedding"), "copy"),
-      "text_projection": (("text", "text_projection"), "copy"),
-      "logit_scale": (("logit_scale",), "scalar"),
-      "logit_bias": (("logit_bias",), "scalar"),
-  }
-  return simple.get(name)
+  return _SIMPLE.get(name)
 
 
 _HF_BLOCK = {
@@ -434,3 +445,271 @@ def abstract_params(model_cfg: Mapping[str, Any]):
   allocated)."""
   abstract = nnx.eval_shape(lambda: TwoTower(dict(model_cfg), rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.split(abstract)[1])
+
+
+# --------------------------------------------------------------------------------------------
+# OpenCLIP folders (``open_clip_config.json`` + ``open_clip_model.safetensors``)
+# --------------------------------------------------------------------------------------------
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+# Tensors of a LIFT model that neither transformers' nor OpenCLIP's image classes hold (the MLP
+# head in the authors' names, the logit scale and bias), written beside their weights.
+LIFT_EXTRAS = "lift_head.safetensors"
+# What a lift_jax export folder says about itself (lift_jax.export writes it).
+EXPORT_MANIFEST = "lift_jax_export.json"
+
+
+def is_open_clip_dir(source: str) -> bool:
+  """A folder holding ``open_clip_config.json`` (OpenCLIP's hub and local-dir layout)."""
+  return os.path.isfile(os.path.join(os.path.expanduser(source), OPEN_CLIP_CONFIG))
+
+
+def read_json(path: str) -> dict[str, Any]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise StateDictError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file  # light, but only the readers need it
+
+  try:
+    return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+  except Exception as e:
+    raise StateDictError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_open_clip_dir(source: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(OpenCLIP-named float32 state dict, open_clip_config.json) of an OpenCLIP folder.
+
+  Reads ``open_clip_model.safetensors`` and, where present, ``lift_head.safetensors``; tensors
+  that a lift_jax export lists as placeholders (a LIFT export's identity ``visual.proj`` and
+  stand-in text tower, which OpenCLIP's loader requires) are left out."""
+  folder = os.path.expanduser(source)
+  oc_config = read_json(os.path.join(folder, OPEN_CLIP_CONFIG))
+  if "model_cfg" not in oc_config:
+    raise StateDictError(f"{folder}/{OPEN_CLIP_CONFIG} has no 'model_cfg' (not an OpenCLIP "
+                         "model folder)")
+  weights_path = os.path.join(folder, OPEN_CLIP_WEIGHTS)
+  if not os.path.isfile(weights_path):
+    raise StateDictError(f"{folder}: no {OPEN_CLIP_WEIGHTS} (only safetensors are read; a "
+                         ".bin checkpoint imports as a .pt file: --checkpoint=FILE)")
+  state = _read_safetensors(weights_path)
+  extras = os.path.join(folder, LIFT_EXTRAS)
+  if os.path.isfile(extras):
+    state.update(_read_safetensors(extras))
+  manifest = os.path.join(folder, EXPORT_MANIFEST)
+  if os.path.isfile(manifest):
+    for name in read_json(manifest).get("placeholder_tensors", ()):
+      state.pop(name, None)
+  return strip_wrappers(state), oc_config
+
+
+def open_clip_config_problems(oc_config: Mapping[str, Any], model_cfg: Mapping[str, Any]
+                              ) -> list[str]:
+  """What in an open_clip_config.json would make the imported model compute a different function
+  than the config's (activation, pooling, head count); empty if none."""
+  cfg = oc_config.get("model_cfg", {})
+  vision = cfg.get("vision_cfg", {})
+  problems = []
+  if cfg.get("quick_gelu"):
+    problems.append("model_cfg.quick_gelu is true, but this project's MLPs use exact GELU; the "
+                    "imported model would compute a different function")
+  pool = "tok" if vision.get("pool_type", "tok") == "tok" else vision.get("pool_type")
+  if pool != model_cfg.get("pool"):
+    problems.append(f"vision_cfg.pool_type is {pool!r}, the config's model.pool is "
+                    f"{model_cfg.get('pool')!r}: set model.pool={pool!r}")
+  if vision.get("final_ln_after_pool") or vision.get("attentional_pool"):
+    problems.append("vision_cfg.final_ln_after_pool / attentional_pool: this ViT applies ln_post "
+                    "to every token before pooling and has no attentional pooler")
+  shape = parse_variant(model_cfg["variant"], **dict(model_cfg.get("vit") or {}))
+  heads = int(vision.get("width", shape.width)) // int(vision.get("head_width", 64))
+  if heads != shape.num_heads:
+    problems.append(f"vision_cfg gives {heads} heads (width / head_width), the config's model "
+                    f"has {shape.num_heads}: set model.vit.num_heads={heads}")
+  return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Export: this project's parameters -> OpenCLIP names -> Hugging Face names
+# --------------------------------------------------------------------------------------------
+
+_SIMPLE_NAMES = {path: name for name, (path, _) in _SIMPLE.items()}
+_BLOCK_NAMES = {path: name for name, path in _BLOCK.items()}
+_LN_NAMES = {v: k for k, v in _LN.items()}
+
+
+def _key(p):
+  """Orbax restores list indices as strings: '3' -> 3, so paths compare with the maps'."""
+  return int(p) if isinstance(p, str) and p.isdigit() else p
+
+
+def _openclip_name(path: tuple[Any, ...]) -> str | None:
+  """The OpenCLIP / official-LIFT name of one of our parameters (what :func:`_target` inverts)."""
+  if path in _SIMPLE_NAMES:
+    return _SIMPLE_NAMES[path]
+  if len(path) >= 5 and path[1:3] == ("transformer", "resblocks"):
+    rest = _BLOCK_NAMES.get(tuple(path[4:]))
+    prefix = "visual." if path[0] == "visual" else ""
+    return rest and f"{prefix}transformer.resblocks.{path[3]}.{rest}"
+  if len(path) == 3 and path[:2] in (("visual", "ln_pre"), ("visual", "ln_post"),
+                                     ("text", "ln_final")):
+    prefix = "visual." if path[0] == "visual" else ""
+    return f"{prefix}{path[1]}.{_LN_NAMES[path[2]]}"
+  if len(path) == 4 and path[:2] == ("head", "layers"):
+    return (f"mlp_projector.projector.{2 * int(path[2])}."
+            f"{'weight' if path[3] == 'kernel' else 'bias'}")
+  return None
+
+
+def _untransform(array: np.ndarray, how: str) -> np.ndarray:
+  """The inverse of :func:`_transform`."""
+  if how == "linear":  # (in, out) -> torch Linear (out, in)
+    return array.T
+  if how == "conv":  # (kh, kw, in, out) -> (out, in, kh, kw)
+    return array.transpose(3, 2, 0, 1)
+  if how == "scalar":
+    return array.reshape(())
+  return array
+
+
+def to_openclip(params) -> dict[str, np.ndarray]:
+  """Our parameters (a nested dict, as restored from a checkpoint) -> an OpenCLIP / official-LIFT
+  named state dict of contiguous float32 arrays; :func:`convert` maps it back exactly.
+
+  Contiguous because safetensors' numpy writer stores a transposed (non-contiguous) array's raw
+  buffer, which reads back scrambled."""
+  out = {}
+  for raw in _flat_paths(params):
+    path = tuple(_key(p) for p in raw)
+    name = _openclip_name(path)
+    target = _target(name) if name else None
+    if target is None or tuple(target[0]) != path:  # the two maps disagree: a bug here
+      raise ValueError(f"parameter {'/'.join(map(str, path))} has no OpenCLIP name")
+    value = np.asarray(_get(params, raw), np.float32)
+    out[name] = np.ascontiguousarray(_untransform(value, target[1]))
+  return out
+
+
+_HF_NAMES = {v: k for k, v in _HF_SIMPLE.items()}
+_HF_BLOCK_NAMES = {v: k for k, v in _HF_BLOCK.items()}
+_HF_TRANSPOSED_NAMES = {v: k for k, v in _HF_TRANSPOSED.items()}
+
+
+def openclip_to_hf_clip(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """OpenCLIP names -> Hugging Face CLIP names (``in_proj`` split into q, k, v), the inverse of
+  :func:`hf_clip_to_openclip`; a name with no Hugging Face counterpart (the LIFT head) is an
+  error."""
+  out: dict[str, np.ndarray] = {}
+  for name, value in state.items():
+    value = np.asarray(value, np.float32)
+    m = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)", name)
+    if name in _HF_NAMES:
+      out[_HF_NAMES[name]] = value
+    elif name in _HF_TRANSPOSED_NAMES:
+      out[_HF_TRANSPOSED_NAMES[name]] = value.T
+    elif m and m[3] in ("attn.in_proj_weight", "attn.in_proj_bias"):
+      prefix = f"{'vision' if m[1] else 'text'}_model.encoder.layers.{m[2]}.self_attn."
+      kind = m[3].rsplit("_", 1)[1]
+      for part, chunk in zip("qkv", np.split(value, 3)):
+        out[f"{prefix}{part}_proj.{kind}"] = chunk
+    elif m and m[3] in _HF_BLOCK_NAMES:
+      prefix = f"{'vision' if m[1] else 'text'}_model.encoder.layers.{m[2]}."
+      out[prefix + _HF_BLOCK_NAMES[m[3]]] = value
+    else:
+      raise StateDictError(f"{name}: transformers' CLIP classes have no place for this tensor")
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _mlp_ratio(width: int, mlp_dim: int) -> float:
+  """The ``mlp_ratio`` for which OpenCLIP's ``int(width * mlp_ratio)`` is ``mlp_dim``: the float
+  nearest mlp_dim / width, or the next one up where float rounding would floor the product."""
+  ratio = mlp_dim / width
+  while int(width * ratio) < mlp_dim:
+    ratio = math.nextafter(ratio, math.inf)
+  return ratio
+
+
+def export_problems(model_cfg: Mapping[str, Any], fmt: str) -> list[str]:
+  """Settings of a model that the format ``fmt`` ('hf' | 'open_clip') cannot express, each
+  naming the config key; empty when the export computes the same function."""
+  if fmt == "hf" and model_cfg["mode"] == "clip" and model_cfg["pool"] != "tok":
+    return [f"model.pool={model_cfg['pool']!r}: transformers' CLIPVisionModelWithProjection "
+            "projects the class token only (pooler_output); export this tower with "
+            "--format=open_clip (pool_type 'avg')"]
+  return []
+
+
+def hf_vision_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """config.json of transformers' CLIPVisionModelWithProjection (CLIP) or CLIPVisionModel (LIFT:
+  its head is no linear projection of the class token) for the model's image tower."""
+  shape = parse_variant(model_cfg["variant"], **dict(model_cfg.get("vit") or {}))
+  clip = model_cfg["mode"] == "clip"
+  config = {
+      "architectures": ["CLIPVisionModelWithProjection" if clip else "CLIPVisionModel"],
+      "model_type": "clip_vision_model",
+      "hidden_act": "gelu",  # exact GELU; absent, transformers would take quick_gelu
+      "hidden_size": shape.width, "intermediate_size": shape.mlp_dim,
+      "num_hidden_layers": shape.depth, "num_attention_heads": shape.num_heads,
+      "image_size": int(model_cfg["image_size"]), "patch_size": shape.patch_size,
+      "num_channels": 3, "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "dtype": "float32",
+  }
+  if clip:
+    config["projection_dim"] = int(model_cfg["embed_dim"])
+  return config
+
+
+def hf_preprocessor_config(image_size: int, resize_size: int, mean, std) -> dict[str, Any]:
+  """preprocessor_config.json: Resize(shorter side, bicubic) -> CenterCrop -> normalise."""
+  return {
+      "image_processor_type": "CLIPImageProcessor",
+      "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": int(resize_size)},
+      "resample": 3, "do_center_crop": True,
+      "crop_size": {"height": int(image_size), "width": int(image_size)},
+      "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+      "image_mean": [float(m) for m in mean], "image_std": [float(s) for s in std],
+  }
+
+
+# A LIFT export's stand-in text tower: OpenCLIP's CLIP class cannot be built without one.
+PLACEHOLDER_TEXT = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 1}
+
+
+def open_clip_model_config(model_cfg: Mapping[str, Any], hf_tokenizer: str | None = None
+                           ) -> dict[str, Any]:
+  """open_clip_config.json's ``model_cfg`` for the model: the ViT as OpenCLIP's
+  VisionTransformer (``pool_type`` 'avg' or 'tok', ln_post before pooling) and, for CLIP, the
+  text transformer (pooled at the argmax token, or at ``eos_id``; ``hf_tokenizer`` names a
+  Hugging Face tokenizer whose files lie in the exported folder, which OpenCLIP's local-dir
+  loading reads instead of the name). A LIFT
+  model gets ``embed_dim`` = the ViT width (its ``visual.proj`` is the identity: encode_image is
+  the pooled feature the head takes) and :data:`PLACEHOLDER_TEXT`."""
+  shape = parse_variant(model_cfg["variant"], **dict(model_cfg.get("vit") or {}))
+  vision = {"image_size": int(model_cfg["image_size"]), "patch_size": shape.patch_size,
+            "width": shape.width, "layers": shape.depth,
+            "head_width": shape.width // shape.num_heads,
+            "mlp_ratio": _mlp_ratio(shape.width, shape.mlp_dim),
+            "pool_type": "avg" if model_cfg["pool"] == "avg" else "tok",
+            "final_ln_after_pool": False, "no_ln_pre": False}
+  config: dict[str, Any] = {"quick_gelu": False, "vision_cfg": vision}
+  if model_cfg["mode"] == "clip":
+    t = model_cfg["text"]
+    width = int(t["width"])
+    text = {"context_length": int(t["context_length"]), "vocab_size": int(t["vocab_size"]),
+            "width": width, "heads": int(t["num_heads"]), "layers": int(t["depth"]),
+            "mlp_ratio": _mlp_ratio(width, int(t.get("mlp_dim") or 4 * width))}
+    if t.get("eot_token_id") is not None:
+      text.update(pool_type="eos", eos_id=int(t["eot_token_id"]))
+    if hf_tokenizer:
+      text["hf_tokenizer_name"] = hf_tokenizer
+    config["embed_dim"] = int(model_cfg["embed_dim"])
+    config["text_cfg"] = text
+  else:
+    config["embed_dim"] = shape.width
+    config["text_cfg"] = dict(PLACEHOLDER_TEXT)
+  if model_cfg.get("loss") == "sigmoid":
+    config["init_logit_bias"] = 0.0  # makes OpenCLIP create logit_bias; the value is loaded
+  return config

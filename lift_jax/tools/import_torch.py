@@ -12,8 +12,11 @@ names the missing, unexpected and mis-shaped keys. The result (``DIR/checkpoints
 empty (``--overwrite`` replaces its ``checkpoints/`` and ``config.json``).
 
 Accepted: an OpenCLIP / official LIFT ``.pt`` (a bare state dict or ``{"state_dict": ...}``, with
-or without DDP's ``module.`` prefix), or a Hugging Face CLIP folder (``config.json`` +
-``*.safetensors``) or a hub id already in the local cache (nothing is downloaded).
+or without DDP's ``module.`` prefix), an OpenCLIP folder (``open_clip_config.json`` +
+``open_clip_model.safetensors``), or a Hugging Face CLIP folder (``config.json`` +
+``*.safetensors``) or a hub id already in the local cache (nothing is downloaded). Folders written
+by ``lift_jax.tools.export`` import back bit for bit; their ``lift_jax_export.json`` serves as
+``--config``.
 The name maps, and what maps exactly and what does not, are documented in
 :mod:`lift_jax.models.weights`.
 """
@@ -27,8 +30,8 @@ from lift_jax import cli, pretrained
 
 COMMAND = "python -m lift_jax.tools.import_torch"
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pt/.bin) in OpenCLIP naming, or a "
-                    "Hugging Face CLIP folder / cached hub id.")
+flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pt/.bin) in OpenCLIP naming, an "
+                    "OpenCLIP folder, or a Hugging Face CLIP folder / cached hub id.")
 flags.DEFINE_string("output", None, "Output folder (a lift_jax workdir); must be new or empty.")
 flags.DEFINE_bool("overwrite", False, "Replace the checkpoints and config.json of a non-empty "
                   "--output.")
