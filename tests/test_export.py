@@ -260,5 +260,5 @@ def test_open_clip_mlp_ratio_gives_every_width_back():
   # OpenCLIP builds int(width * mlp_ratio): 115 / 56 * 56 floors to 114 in float arithmetic.
   assert int(56 * (115 / 56)) == 114
   for width, mlp in ((56, 115), (88, 98), (768, 3072), (1152, 4304)):
-    assert int(width * weights._mlp_ratio(width, mlp)) == mlp
+    assert int(width * export._mlp_ratio(width, mlp)) == mlp
   assert transforms.eval_resize_size(224) == 256

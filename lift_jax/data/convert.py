@@ -72,8 +72,9 @@ Tars themselves (``tars/...``, with their paths as examples; all of them listed 
 ``manifest["source"]["bad_tars"]``): ``truncated`` (its complete samples are kept),
 ``not_a_tar``, ``compressed``, ``unreadable`` (skipped whole). The run fails only when nothing
 could be listed at all.
-Converted to RGB and re-encoded as JPEG at ``--jpeg_quality`` (kept): ``cmyk``, ``16bit``, ``palette``, ``alpha``
-(composited on white), ``grayscale``, ``other_mode``, ``format`` (RGB but not JPEG/PNG/WebP).
+Converted to RGB and re-encoded as JPEG at ``--jpeg_quality`` (kept): ``cmyk``, ``16bit``,
+``palette``, ``alpha`` (composited on white), ``grayscale``, ``other_mode``, ``format`` (RGB but
+not JPEG/PNG/WebP).
 Dropped captions of kept images (folder sources): ``empty``, ``undecodable``.
 EXIF orientation is not applied (as in the reference loader); animated images keep frame one.
 """
@@ -81,7 +82,6 @@ EXIF orientation is not applied (as in the reference loader); animated images ke
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import glob
@@ -90,12 +90,10 @@ import importlib.util
 import io
 import json
 import math
-import multiprocessing
 import os
 import posixpath
 import shlex
 import sys
-import tarfile
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -108,9 +106,10 @@ from lift_jax import common
 from lift_jax.data import captions as captions_lib
 from lift_jax.data import records
 from lift_jax.data import shards
+from lift_jax.data import tars
 from lift_jax.data import transforms
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_EXTENSIONS = tars.IMAGE_EXTENSIONS
 _KEPT_FORMATS = ("JPEG", "PNG", "WEBP")  # stored as found; others are re-encoded
 
 
@@ -363,38 +362,6 @@ def load_extra_captions(paths: Sequence[str], join_field: str, columns: Sequence
   return table
 
 
-def _sample_caption(key: str, group: dict[str, tarfile.TarInfo], tf: tarfile.TarFile,
-                    opts: Options, join_in_json: bool
-                    ) -> tuple[str | None, Any, dict[str, Any], str | None]:
-  """(caption, join value, ``--json_fields`` values, why the sample is skipped or None) of one
-  tar sample, from its own members only."""
-  json_field = opts.caption_source[5:] if opts.caption_source.startswith("json:") else None
-  meta: dict[str, Any] = {}
-  if "json" in group and (json_field or opts.json_fields or join_in_json):
-    try:
-      meta = json.loads(tf.extractfile(group["json"]).read())
-    except UnicodeDecodeError:
-      return None, None, {}, "undecodable_caption" if json_field else "bad_json"
-    except json.JSONDecodeError:
-      return None, None, {}, "bad_json"
-    if not isinstance(meta, dict):
-      return None, None, {}, "bad_json"
-  if json_field is None:
-    if "txt" not in group:
-      return None, None, {}, "missing_caption"
-    try:
-      caption = tf.extractfile(group["txt"]).read().decode("utf-8").strip()
-    except UnicodeDecodeError:
-      return None, None, {}, "undecodable_caption"
-  else:
-    value = meta.get(json_field)
-    caption = value.strip() if isinstance(value, str) else ""
-  if not caption:
-    return None, None, {}, "missing_caption"
-  join = key if opts.join_field == "key" else meta.get(opts.join_field)
-  return caption, join, {n: meta[n] for n in opts.json_fields if n in meta}, None
-
-
 def _sample_fields(caption: str, join: Any, json_values: dict[str, Any], opts: Options,
                    extra: dict[str, tuple] | None) -> tuple[dict[str, Any] | None, str | None]:
   """The record fields of a sample with a caption (the extra captions joined), or why it is
@@ -411,116 +378,7 @@ def _sample_fields(caption: str, join: Any, json_values: dict[str, Any], opts: O
   return fields, None
 
 
-_TAR_PROBLEMS = {
-    "not_a_tar": "not a tar file",
-    "compressed": "a compressed tar (members are read by offset): decompress it first",
-    "unreadable": "cannot be read",
-}
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
-
-
-def _sample_key(member_name: str) -> str:
-  dirname, base = posixpath.split(member_name)
-  dot = base.find(".")
-  return posixpath.join(dirname, base[:dot] if dot > 0 else base)
-
-
-def _tar_members(path: str
-                 ) -> tuple[list[tarfile.TarInfo], list[str], str | None, str | None]:
-  """(complete members, names of members cut off, why the tar is cut short or None, why it is
-  unusable or None).
-
-  A download cut off mid-way keeps every member whose data lies wholly inside the file; a file
-  that is not an uncompressed tar gives no members and a reason (see ``_TAR_PROBLEMS``).
-  """
-  try:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-      head = f.read(6)
-  except OSError:
-    return [], [], None, "unreadable"
-  if head.startswith(_COMPRESSED_MAGIC):
-    return [], [], None, "compressed"
-  members: list[tarfile.TarInfo] = []
-  cut = None
-  try:
-    with tarfile.open(path, "r:") as tf:
-      try:
-        for m in tf:
-          members.append(m)
-      except (tarfile.ReadError, EOFError, OSError) as e:
-        cut = str(e) or type(e).__name__
-  except (tarfile.ReadError, EOFError):
-    return [], [], None, "not_a_tar"
-  except OSError:
-    return [], [], None, "unreadable"
-  complete = [m for m in members if m.offset_data + m.size <= size]
-  lost = [m.name for m in members if m.offset_data + m.size > size]
-  if lost:
-    cut = cut or "a member's data runs past the end of the file"
-  elif cut is None and size % tarfile.BLOCKSIZE:
-    cut = "the file ends inside a 512-byte tar block"
-  if not complete and cut is None and size > 0 and not _looks_like_empty_tar(path, size):
-    return [], [], None, "not_a_tar"
-  return complete, lost, cut, None
-
-
-def _looks_like_empty_tar(path: str, size: int) -> bool:
-  """A tar without members is zero blocks only."""
-  with open(path, "rb") as f:
-    return not f.read(min(size, 1 << 16)).strip(b"\0")
-
-
-def _list_tar(tar_path: str, opts: Options, join_in_json: bool
-              ) -> tuple[str | None, str | None, int, list[tuple]]:
-  """What listing learns from one tar alone (so that tars are listed in parallel): why it is
-  unusable or None, why it is cut short or None, its complete members, and its events in
-  order: ``("member_twice", key)`` for a member name seen twice, then per sample
-  ``("no_image", key, reason)`` or ``("sample", key, images, reason, caption, join,
-  json_values, offset, size)``."""
-  members, lost, cut, problem = _tar_members(tar_path)
-  if problem is not None:
-    return problem, None, 0, []
-  # The samples of members cut off, and the last sample before the cut (it may have lost
-  # members that came after it), are counted as truncated_tar when incomplete.
-  cut_keys = {_sample_key(name) for name in lost}
-  if cut is not None and members:
-    cut_keys.add(_sample_key(members[-1].name))
-  events: list[tuple] = []
-  with open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
-    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    for m in members:
-      if not m.isfile():
-        continue
-      dirname, base = posixpath.split(m.name)
-      dot = base.find(".")
-      if dot <= 0:
-        continue
-      key = posixpath.join(dirname, base[:dot])
-      group = groups.setdefault(key, {})
-      ext = base[dot + 1:].lower()
-      if ext in group:
-        events.append(("member_twice", key))  # the same member twice in one tar
-      else:
-        group[ext] = m
-    for name in lost:
-      groups.setdefault(_sample_key(name), {})  # a sample whose members were all cut off
-    for key, group in groups.items():
-      images = [e for e in IMAGE_EXTENSIONS if e in group]
-      if not images:
-        events.append(("no_image", key,
-                       "truncated_tar" if key in cut_keys else "missing_image"))
-        continue
-      caption, join, json_values, reason = _sample_caption(key, group, tf, opts, join_in_json)
-      if reason == "missing_caption" and key in cut_keys:
-        reason = "truncated_tar"
-      img = group[images[0]]
-      events.append(("sample", key, len(images), reason, caption, join, json_values,
-                     img.offset_data, img.size))
-  return None, cut, len(members), events
-
-
-def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] | None,
+def list_webdataset(tar_paths: Sequence[str], opts: Options, extra: dict[str, tuple] | None,
                     log: Callable[[str], None] = print, bad_tars: dict[str, str] | None = None,
                     workers: int = 1
                     ) -> tuple[list[tuple[str, tuple, dict[str, Any]]], shards.Report, str]:
@@ -541,17 +399,17 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
   seen: set[str] = set()
   listed = 0
   h = hashlib.sha256()
-  one_tar = functools.partial(_list_tar, opts=opts,
+  one_tar = functools.partial(tars.list_tar, opts=opts,
                               join_in_json=extra is not None and opts.join_field != "key")
   # --limit reads tars one by one: a parallel pool would read every tar of the input.
-  with _tar_pool(1 if opts.limit else min(workers, len(tars))) as imap:
-    for tar_path, (problem, cut, complete, events) in zip(tars, imap(one_tar, tars)):
+  with tars.pool(1 if opts.limit else min(workers, len(tar_paths))) as imap:
+    for tar_path, (problem, cut, complete, events) in zip(tar_paths, imap(one_tar, tar_paths)):
       if opts.limit and listed >= opts.limit:
         break
       if problem is not None:
         report.add(tar_path, (f"tars/{problem}",))
         bad_tars[tar_path] = problem
-        log(f"{tar_path}: skipped, {_TAR_PROBLEMS[problem]}")
+        log(f"{tar_path}: skipped, {tars.PROBLEMS[problem]}")
         continue
       if cut is not None:
         report.add(tar_path, ("tars/truncated",))
@@ -586,17 +444,6 @@ def list_webdataset(tars: Sequence[str], opts: Options, extra: dict[str, tuple] 
                             default=str).encode())
         items.append((key, ("tar", where, offset, size), fields))
   return items, report, h.hexdigest()
-
-
-@contextlib.contextmanager
-def _tar_pool(workers: int):
-  """An ordered ``imap`` over ``workers`` processes (the built-in ``map`` for one)."""
-  if workers <= 1:
-    yield map
-    return
-  # spawn, not fork: callers (the trainer) may hold JAX threads, which fork would copy broken.
-  with multiprocessing.get_context("spawn").Pool(workers) as pool:
-    yield functools.partial(pool.imap, chunksize=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -755,19 +602,24 @@ flags.DEFINE_multi_string("extra_captions", [], "tars: parquet file(s) or glob o
 flags.DEFINE_string("extra_fields", ",".join(f"{c}:{f}" for c, f in Options.extra_fields),
                     "COLUMN:FIELD[,COLUMN:FIELD]: parquet columns copied into record fields",
                     flag_values=FLAGS)
-flags.DEFINE_string("join_field", Options.join_field, "parquet column matched to the sample key ('key') or to "
+flags.DEFINE_string("join_field", Options.join_field,
+                    "parquet column matched to the sample key ('key') or to "
                     "that field of KEY.json (e.g. uid)", flag_values=FLAGS)
-flags.DEFINE_string("json_fields", ",".join(Options.json_fields), "tars: comma-separated KEY.json fields copied into records "
+flags.DEFINE_string("json_fields", ",".join(Options.json_fields),
+                    "tars: comma-separated KEY.json fields copied into records "
                     "(e.g. uid,url)", flag_values=FLAGS)
-flags.DEFINE_integer("limit", Options.limit, "convert only the first N samples of the listing (0: all)",
+flags.DEFINE_integer("limit", Options.limit,
+                     "convert only the first N samples of the listing (0: all)",
                      flag_values=FLAGS)
 # Output.
 flags.DEFINE_integer("num_shards", Options.num_shards,
                      f"number of shards (0: one per {shards.SAMPLES_PER_SHARD} samples)",
                      flag_values=FLAGS)
-flags.DEFINE_integer("resize", Options.resize, "pre-resize: shorter side to N px (bicubic, never enlarged), "
+flags.DEFINE_integer("resize", Options.resize,
+                     "pre-resize: shorter side to N px (bicubic, never enlarged), "
                      "saved as JPEG; 0 keeps the source bytes", flag_values=FLAGS)
-flags.DEFINE_integer("jpeg_quality", Options.jpeg_quality, "JPEG quality for resized and converted images",
+flags.DEFINE_integer("jpeg_quality", Options.jpeg_quality,
+                     "JPEG quality for resized and converted images",
                      flag_values=FLAGS)
 flags.DEFINE_integer("min_image_size", Options.min_image_size,
                      "skip images whose shorter side is below this (too_small)", flag_values=FLAGS)

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import re
 from typing import Any, Mapping
@@ -622,94 +621,3 @@ def openclip_to_hf_clip(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     else:
       raise StateDictError(f"{name}: transformers' CLIP classes have no place for this tensor")
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def _mlp_ratio(width: int, mlp_dim: int) -> float:
-  """The ``mlp_ratio`` for which OpenCLIP's ``int(width * mlp_ratio)`` is ``mlp_dim``: the float
-  nearest mlp_dim / width, or the next one up where float rounding would floor the product."""
-  ratio = mlp_dim / width
-  while int(width * ratio) < mlp_dim:
-    ratio = math.nextafter(ratio, math.inf)
-  return ratio
-
-
-def export_problems(model_cfg: Mapping[str, Any], fmt: str) -> list[str]:
-  """Settings of a model that the format ``fmt`` ('hf' | 'open_clip') cannot express, each
-  naming the config key; empty when the export computes the same function."""
-  if fmt == "hf" and model_cfg["mode"] == "clip" and model_cfg["pool"] != "tok":
-    return [f"model.pool={model_cfg['pool']!r}: transformers' CLIPVisionModelWithProjection "
-            "projects the class token only (pooler_output); export this tower with "
-            "--format=open_clip (pool_type 'avg')"]
-  return []
-
-
-def hf_vision_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """config.json of transformers' CLIPVisionModelWithProjection (CLIP) or CLIPVisionModel (LIFT:
-  its head is no linear projection of the class token) for the model's image tower."""
-  shape = parse_variant(model_cfg["variant"], **dict(model_cfg.get("vit") or {}))
-  clip = model_cfg["mode"] == "clip"
-  config = {
-      "architectures": ["CLIPVisionModelWithProjection" if clip else "CLIPVisionModel"],
-      "model_type": "clip_vision_model",
-      "hidden_act": "gelu",  # exact GELU; absent, transformers would take quick_gelu
-      "hidden_size": shape.width, "intermediate_size": shape.mlp_dim,
-      "num_hidden_layers": shape.depth, "num_attention_heads": shape.num_heads,
-      "image_size": int(model_cfg["image_size"]), "patch_size": shape.patch_size,
-      "num_channels": 3, "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "dtype": "float32",
-  }
-  if clip:
-    config["projection_dim"] = int(model_cfg["embed_dim"])
-  return config
-
-
-def hf_preprocessor_config(image_size: int, resize_size: int, mean, std) -> dict[str, Any]:
-  """preprocessor_config.json: Resize(shorter side, bicubic) -> CenterCrop -> normalise."""
-  return {
-      "image_processor_type": "CLIPImageProcessor",
-      "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": int(resize_size)},
-      "resample": 3, "do_center_crop": True,
-      "crop_size": {"height": int(image_size), "width": int(image_size)},
-      "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-      "image_mean": [float(m) for m in mean], "image_std": [float(s) for s in std],
-  }
-
-
-# A LIFT export's stand-in text tower: OpenCLIP's CLIP class cannot be built without one.
-PLACEHOLDER_TEXT = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 1}
-
-
-def open_clip_model_config(model_cfg: Mapping[str, Any], hf_tokenizer: str | None = None
-                           ) -> dict[str, Any]:
-  """open_clip_config.json's ``model_cfg`` for the model: the ViT as OpenCLIP's
-  VisionTransformer (``pool_type`` 'avg' or 'tok', ln_post before pooling) and, for CLIP, the
-  text transformer (pooled at the argmax token, or at ``eos_id``; ``hf_tokenizer`` names a
-  Hugging Face tokenizer whose files lie in the exported folder, which OpenCLIP's local-dir
-  loading reads instead of the name). A LIFT
-  model gets ``embed_dim`` = the ViT width (its ``visual.proj`` is the identity: encode_image is
-  the pooled feature the head takes) and :data:`PLACEHOLDER_TEXT`."""
-  shape = parse_variant(model_cfg["variant"], **dict(model_cfg.get("vit") or {}))
-  vision = {"image_size": int(model_cfg["image_size"]), "patch_size": shape.patch_size,
-            "width": shape.width, "layers": shape.depth,
-            "head_width": shape.width // shape.num_heads,
-            "mlp_ratio": _mlp_ratio(shape.width, shape.mlp_dim),
-            "pool_type": "avg" if model_cfg["pool"] == "avg" else "tok",
-            "final_ln_after_pool": False, "no_ln_pre": False}
-  config: dict[str, Any] = {"quick_gelu": False, "vision_cfg": vision}
-  if model_cfg["mode"] == "clip":
-    t = model_cfg["text"]
-    width = int(t["width"])
-    text = {"context_length": int(t["context_length"]), "vocab_size": int(t["vocab_size"]),
-            "width": width, "heads": int(t["num_heads"]), "layers": int(t["depth"]),
-            "mlp_ratio": _mlp_ratio(width, int(t.get("mlp_dim") or 4 * width))}
-    if t.get("eot_token_id") is not None:
-      text.update(pool_type="eos", eos_id=int(t["eot_token_id"]))
-    if hf_tokenizer:
-      text["hf_tokenizer_name"] = hf_tokenizer
-    config["embed_dim"] = int(model_cfg["embed_dim"])
-    config["text_cfg"] = text
-  else:
-    config["embed_dim"] = shape.width
-    config["text_cfg"] = dict(PLACEHOLDER_TEXT)
-  if model_cfg.get("loss") == "sigmoid":
-    config["init_logit_bias"] = 0.0  # makes OpenCLIP create logit_bias; the value is loaded
-  return config
