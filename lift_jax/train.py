@@ -235,7 +235,7 @@ def build(config, mesh) -> Setup:
 
   abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
   state_shardings = sharding.param_shardings(abstract_state, mesh,
-                                             list(config.get("sharding_rules", ())))
+                                             list(config.sharding_rules))
   graphdef = nnx.split(nnx.eval_shape(lambda: TwoTower(model_cfg, rngs=nnx.Rngs(0))))[0]
   batch_sharding = sharding.batch_sharding(mesh)
   step = jax.jit(make_train_step(graphdef, config, tx, schedule),
