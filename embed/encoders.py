@@ -89,6 +89,25 @@ def _known_by_folder(path: str) -> tuple[str, str] | None:
   return None
 
 
+def model_label(ref: ModelRef) -> str:
+  """A short name of the model for reports: the hub id; for a folder, the model it is a hub
+  snapshot of, else the title of its model card (README.md), else the folder's last two parts."""
+  if not ref.is_local:
+    return ref.name
+  known = _known_by_folder(ref.source)
+  if known:
+    return known[0]
+  try:
+    with open(os.path.join(ref.source, "README.md"), encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("# ") and line[2:].strip():
+          return line[2:].strip()
+  except (OSError, UnicodeDecodeError):
+    pass
+  parent, base = os.path.split(os.path.normpath(ref.source))
+  return os.path.join(os.path.basename(parent), base)
+
+
 def snapshot_revision(path: str) -> str | None:
   """The commit of a hub cache snapshot folder, if ``path`` is one."""
   parts = os.path.normpath(path).split(os.sep)
@@ -299,7 +318,8 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-  """A kind of encoder (``config.encoder``): how to load it, and the pooling its manifest records."""
+  """A kind of encoder (``config.encoder``): how to load it, and the pooling its manifest
+  records."""
   load: Callable[[ModelRef, str | None, str, torch.device, Settings], Encoder]
   pooling: str
 

@@ -186,7 +186,8 @@ def embed_texts(cfg, texts: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
   v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
   live = len(texts) - sum(1 for f in result.flags if f)
   cost = {
-      "model": ref.name, "encoder": kind, "pooling": enc_lib.architecture(kind).pooling,
+      "model": ref.name, "label": enc_lib.model_label(ref), "encoder": kind,
+      "pooling": enc_lib.architecture(kind).pooling,
       "dim": int(encoder.dim), "device": str(device), "dtype": dtype,
       "max_length": cfg.max_length, "instruction": cfg.instruction,
       "random_init": bool(cfg.random_init), "load_seconds": round(load_seconds, 2),
@@ -224,7 +225,8 @@ def table(report: dict[str, Any]) -> str:
   """The probe's results as a Markdown table (percentages)."""
   cost, ret, sc = report["cost"], report["caption_retrieval"], report["sugarcrepe_text"]
   pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
-  lines = [f"encoder probe: {cost['model']} ({cost['encoder']}, {cost['dim']}-d, "
+  label = cost.get("label", cost["model"])
+  lines = [f"encoder probe: {label} ({cost['encoder']}, {cost['dim']}-d, "
            f"max_length {cost['max_length']}) on {cost['device']} ({cost['dtype']})", "",
            "| measure | value |", "|---|---|",
            f"| COCO caption->caption R@1 ({ret['queries']} queries, {ret['gallery']} gallery) | "

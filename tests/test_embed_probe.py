@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_data
+from embed import encoders as enc_lib
 from embed import probe
 from embed.errors import EmbedError
 from test_embed_support import minilm_config
@@ -94,7 +95,26 @@ def test_probe_on_real_data_matches_sentence_transformers(minilm_path):
     assert got["mean_cos_pos_neg"] == pytest.approx(np.mean(cos), abs=1e-5)
   cost = report["cost"]
   assert cost["dim"] == 384 and cost["texts"] > 150 and cost["captions_per_second"] > 0
+  header = probe.table(report).splitlines()[0]
   assert "swap_att" in probe.table(report)
+  # The header names the model (its model card's title), not the folder it was installed in.
+  assert header.startswith("encoder probe: all-MiniLM-L6-v2 (mean, 384-d"), header
+  assert "site-packages" not in header and cost["model"].endswith("model")
+
+
+def test_model_labels(tmp_path):
+  """A hub id as given; a hub cache snapshot as its model; a folder by its card's title, or by
+  its last two path parts without one."""
+  assert enc_lib.model_label(enc_lib.resolve_model("Qwen/Qwen3-Embedding-0.6B")) == \
+      "Qwen/Qwen3-Embedding-0.6B"
+  snap = tmp_path / "models--nvidia--NV-Embed-v2" / "snapshots" / ("a" * 40)
+  snap.mkdir(parents=True)
+  assert enc_lib.model_label(enc_lib.resolve_model(str(snap))) == "nvidia/NV-Embed-v2"
+  card = tmp_path / "runs" / "my-encoder"
+  card.mkdir(parents=True)
+  assert enc_lib.model_label(enc_lib.resolve_model(str(card))) == "runs/my-encoder"
+  (card / "README.md").write_text("---\ntags: [x]\n---\n\n# My Encoder v3\n\ntext\n")
+  assert enc_lib.model_label(enc_lib.resolve_model(str(card))) == "My Encoder v3"
 
 
 def test_missing_data_is_named(tmp_path):
