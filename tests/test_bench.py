@@ -360,3 +360,21 @@ def test_offline_wheels_downloads_what_a_cuda_jax_torch_image_lacks(tmp_path):
   assert len(pins) == len(wheels) and all("==" in p for p in pins)
   total = sum(p.stat().st_size for p in folder.glob("*.whl"))
   assert f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {folder}" in r.stdout
+
+
+def test_out_of_memory_is_recognised_from_what_xla_raises():
+  """--mode=step moves to a smaller batch only on running out of memory, which it tells from
+  the error's text: pinned here against a real allocation that does not fit, on CPU."""
+  import jax
+  import jax.numpy as jnp
+
+  from lift_jax.tools.bench import step
+
+  with pytest.raises(Exception) as too_big:
+    jax.jit(lambda: jnp.zeros((2**42,), jnp.float32))().block_until_ready()  # 16 TiB
+  assert step.is_out_of_memory(too_big.value), str(too_big.value)[:300]
+  assert "RESOURCE_EXHAUSTED" in str(too_big.value)  # the status XLA gives every backend
+  with pytest.raises(Exception) as other:
+    jax.jit(lambda x: x @ x)(jnp.zeros((2, 3)))  # a shape error, not memory
+  assert not step.is_out_of_memory(other.value)
+  assert step.is_out_of_memory(step.OutOfMemory("the step needs 90 GiB"))

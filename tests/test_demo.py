@@ -3,11 +3,14 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from lift_jax import checkpoint as ckpt
 from lift_jax.tools import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +61,39 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
   assert "train CLIP: finished earlier" in again.stdout
   assert "evaluated earlier" in again.stdout
   assert "skipping the embedding job" in again.stdout or "ready" in again.stdout
+
+  # Ctrl-C in the terminal while LIFT trains, through scripts/demo.sh: the terminal signals the
+  # foreground process group (demo.sh's python); the demo forwards it to the trainer, which saves
+  # at the next step boundary; the demo then exits 130 in one line, without a traceback.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "LIFT_VENV": sys.prefix}
+  env.pop("XLA_FLAGS", None)
+  longer = subprocess.Popen(["bash", "scripts/demo.sh", f"--workdir={tmp_path / 'demo'}",
+                             "--quick", "--steps=5000"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+  metrics = w / "lift" / "metrics.jsonl"
+  logged = lambda: len(metrics.read_text().splitlines())  # noqa: E731
+  deadline = time.time() + 600
+  while logged() < 6:  # 4 rows from the first 20 steps, then 2 of this run
+    assert longer.poll() is None and time.time() < deadline, longer.communicate()[0][-3000:]
+    time.sleep(0.2)
+  rows_before = logged()
+  sent = time.time()
+  os.killpg(longer.pid, signal.SIGINT)
+  out = longer.communicate(timeout=300)[0]
+  waited = time.time() - sent
+  assert longer.returncode == 130, out[-3000:]
+  assert "Traceback" not in out
+  assert out.strip().splitlines()[-1].startswith("python -m lift_jax.tools.demo: stopped by "
+                                                 "SIGINT"), out[-2000:]
+  log = (w / "logs" / "train_lift.log").read_text()
+  saved = int(re.findall(r"saving at step (\d+) \(SIGINT\), then stopping", log)[-1])
+  assert ckpt.latest_step(str(w / "lift")) == saved
+  assert saved >= 5 * rows_before  # at least the steps logged before the signal (every 5th)
+  assert "Traceback" not in log
+  print(f"Ctrl-C at {rows_before} logged rows: saved step {saved}, demo exited 130 after "
+        f"{waited:.1f} s")
+  assert waited < 60
 
 
 def test_wilson_interval_against_hand_computed_values():

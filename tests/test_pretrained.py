@@ -3,11 +3,13 @@ their optimizer state, Hugging Face CLIP import parity (transformers with the sa
 through the import path), refusal of checkpoints that would compute another function, and a
 trainer run that starts from a checkpoint with the tower frozen, then resumes."""
 
+import json
 import os
 import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -17,6 +19,7 @@ import fakedata
 from conftest import require
 from lift_jax import checkpoint as ckpt
 from lift_jax import config_lib, optim, pretrained, train
+from lift_jax.models import weights
 from lift_jax.models.two_tower import TwoTower
 
 OPTIM = dict(lr=1e-2, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, warmup_steps=2,
@@ -106,6 +109,55 @@ def test_lr_multiplier_matches_a_hand_computed_adamw():
     if factor != 1.0:
       assert np.abs(numpy_adamw(p0, [np.asarray(g[path[0]][path[1]]) for g in grads], cfg, 5)
                     - ref).max() > 1e-3
+
+
+def layered_params():
+  """Paths where a rule's text appears in the middle, at the end and at the start."""
+  z = lambda *shape: jnp.ones(shape, jnp.float32)  # noqa: E731
+  return {"visual": {"ln_pre": {"scale": z(4)},
+                     "transformer": {"resblocks": {"0": {"ln_1": {"scale": z(4)},
+                                                         "mlp": {"c_fc": {"kernel": z(4, 4)}}}}}},
+          "ln_head": {"scale": z(2)}, "head": {"kernel": z(4, 2)}}
+
+
+@pytest.mark.parametrize("rule,expected", [
+    ("ln_", {"visual/ln_pre/scale", "visual/transformer/resblocks/0/ln_1/scale",
+             "ln_head/scale"}),  # anywhere in the path (re.search)
+    ("^ln_", {"ln_head/scale"}),  # anchored: the start only
+    ("resblocks/0/", {"visual/transformer/resblocks/0/ln_1/scale",
+                      "visual/transformer/resblocks/0/mlp/c_fc/kernel"}),
+    ("kernel$", {"visual/transformer/resblocks/0/mlp/c_fc/kernel", "head/kernel"}),
+    ("^visual/ln_pre/scale$", {"visual/ln_pre/scale"}),
+])
+def test_frozen_and_lr_rules_match_anywhere_in_the_path(rule, expected):
+  """The documented semantics (re.search; `^` and `$` anchor), for the frozen rules, the
+  learning-rate multipliers and the optimizer built from them."""
+  params = layered_params()
+  paths = {k: v for k, v in zip(
+      ["/".join(str(p.key) for p in path) for path, _ in
+       jax.tree_util.tree_flatten_with_path(params)[0]], jax.tree.leaves(params))}
+  frozen = {"/".join(str(p.key) for p in path) for path, m in
+            jax.tree_util.tree_flatten_with_path(optim.frozen_mask(params, (rule,)))[0] if m}
+  assert frozen == expected
+  factors = {"/".join(str(p.key) for p in path): f for path, f in
+             jax.tree_util.tree_flatten_with_path(optim.lr_factors(params, ((rule, 0.5),)))[0]}
+  assert {k for k, f in factors.items() if f == 0.5} == expected
+  assert all(f == 1.0 for k, f in factors.items() if k not in expected)
+  # Through the optimizer: the matched parameters do not move, the others do.
+  tx, _ = optim.make_optimizer(dict(OPTIM, frozen=(rule,), weight_decay=0.0), total_steps=4)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  moved = {"/".join(str(p.key) for p in path) for path, u in
+           jax.tree_util.tree_flatten_with_path(updates)[0] if np.any(np.asarray(u) != 0)}
+  assert moved == set(paths) - expected
+
+
+def test_first_lr_rule_that_matches_anywhere_wins():
+  factors = optim.lr_factors(layered_params(), (("mlp", 0.1), ("resblocks", 0.5), ("ln", 2.0)))
+  block = factors["visual"]["transformer"]["resblocks"]["0"]
+  assert block["mlp"]["c_fc"]["kernel"] == 0.1  # "mlp" comes first, though "resblocks" matches
+  assert block["ln_1"]["scale"] == 0.5
+  assert factors["visual"]["ln_pre"]["scale"] == 2.0 and factors["head"]["kernel"] == 1.0
 
 
 def test_vitb16_frozen_tower_state_saving():
@@ -280,6 +332,85 @@ def test_hf_names_are_checked(tmp_path):
   cfg = model_cfg(init_from="nobody-here/not-a-model")
   with pytest.raises(pretrained.InitFromError, match="not in the Hugging Face cache"):
     pretrained.load_into(params, cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json fields left out: read as transformers reads them
+
+
+def test_hf_defaults_are_transformers_defaults():
+  vision, text = transformers.CLIPVisionConfig(), transformers.CLIPTextConfig()
+  for section, reference in (("vision", vision), ("text", text)):
+    for name, value in weights.HF_DEFAULTS[section].items():
+      assert getattr(reference, name) == value, (section, name)
+
+
+# A tower whose patch size and epsilon are transformers' defaults and whose width divides by
+# transformers' default head count, so that a file without those fields still fits its tensors.
+DEFAULT_FIT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=LAYERS,
+                   num_attention_heads=HEADS, image_size=64, patch_size=32, hidden_act="gelu",
+                   layer_norm_eps=1e-5)
+# Fields whose default changes no tensor's shape here: transformers builds and loads the model
+# from the file without them (heads: a 12-head model over the same tensors).
+FITS_WITHOUT = ("num_attention_heads", "patch_size", "layer_norm_eps")
+
+
+def without(folder, *path):
+  """Removes config.json's field ``path`` (a key, or a section then a key); the value it had."""
+  config_path = os.path.join(folder, "config.json")
+  with open(config_path) as f:
+    config = json.load(f)
+  owner = config
+  for key in path[:-1]:
+    owner = owner[key]
+  value = owner.pop(path[-1])
+  with open(config_path, "w") as f:
+    json.dump(config, f)
+  return config, value
+
+
+@pytest.mark.parametrize("field", sorted(weights.HF_DEFAULTS["vision"]))
+def test_vision_config_without_a_field_reads_as_transformers_does(tmp_path, field):
+  torch.manual_seed(0)
+  hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**DEFAULT_FIT))
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  folder = save_hf(hf, tmp_path / "hf")
+  config, _ = without(folder, field)
+  theirs = transformers.CLIPVisionConfig.from_pretrained(folder)
+  ours = weights.hf_sections(config)["vision"]
+  assert ours[field] == getattr(theirs, field)  # absent: both take the same default
+  assert weights.hf_vision_shape(config) == {
+      "width": theirs.hidden_size, "depth": theirs.num_hidden_layers,
+      "mlp_dim": theirs.intermediate_size, "num_heads": theirs.num_attention_heads,
+      "patch_size": theirs.patch_size, "image_size": theirs.image_size}
+  cfg = model_cfg(init_from=folder, tower_shape="init_from")
+  run_cfg = pretrained.resolve_shape(ml_collections.ConfigDict({"model": cfg})).model.to_dict()
+  graphdef, params = fresh(run_cfg)
+  if field == "hidden_act":  # absent = quick_gelu in transformers: another function, refused
+    with pytest.raises(pretrained.InitFromError, match="hidden_act is 'quick_gelu'"):
+      pretrained.load_into(params, run_cfg)
+  elif field not in FITS_WITHOUT:  # the file describes another tower than its tensors
+    with pytest.raises(pretrained.InitFromError, match="checkpoint|missing"):
+      pretrained.load_into(params, run_cfg)
+  else:  # transformers' model from this file and the import compute the same function
+    reloaded = transformers.CLIPVisionModel.from_pretrained(folder).eval()
+    model = nnx.merge(graphdef, pretrained.load_into(params, run_cfg))
+    x = np.random.default_rng(4).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+      ref = reloaded(pixel_values=to_torch(x)).pooler_output.numpy()
+    assert np.abs(np.asarray(model.visual(jnp.asarray(x))) - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("field", sorted(weights.HF_DEFAULTS["text"]))
+def test_text_config_without_a_field_reads_as_transformers_does(tmp_path, field):
+  folder = save_hf(hf_model("clip"), tmp_path / "hf")
+  config, had = without(folder, "text_config", field)
+  theirs = transformers.CLIPConfig.from_pretrained(folder).text_config
+  assert weights.hf_sections(config)["text"][field] == getattr(theirs, field)
+  present = weights.hf_sections({"text_config": {field: had}})["text"][field]
+  assert present == had  # present: the file's value, whatever the default
 
 
 # ------------------------------------------------------------------------------------------------

@@ -171,6 +171,66 @@ def test_every_start_up_failure_fails_the_check_and_the_run(data, trained, tmp_p
       keep.wait()
 
 
+# Workdirs holding the 2 steps of ``trained``, resumed with a change: (change, may it resume?).
+# The preflight and the run must agree on each: the preflight fails exactly where the run stops
+# before its first step, and passes where the run trains on.
+def _dead_pid():
+  p = subprocess.Popen([sys.executable, "-c", "pass"])
+  p.wait()
+  return p.pid
+
+
+def _lock(w, pid, refreshed):
+  (w / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "token": "t",
+                                         "started": refreshed, "refreshed": refreshed}))
+
+
+def _damage_newest(c, w, tmp):
+  shutil.rmtree(w / "checkpoints" / "2" / "train")  # step 1 is intact
+
+
+def _other_data(c, w, tmp, allow):
+  other = fakedata.write_dataset(str(tmp / "other"), n=48, shards=2, dim=16, seed=3)
+  c.data.images, c.data.embeddings = other
+  c.data.allow_new_data = allow
+
+
+WORKDIRS = {
+    "remat": (lambda c, w, t: setattr(c.model, "remat", True), True),
+    "longer_run_and_other_lr": (lambda c, w, t: setattr(c.optim, "lr", 5e-4), True),
+    "other_logging": (lambda c, w, t: setattr(c, "log_every_steps", 3), True),
+    "damaged_newest_step": (_damage_newest, True),
+    "stale_lock": (lambda c, w, t: _lock(w, _dead_pid(), time.time()), True),
+    "other_data_allowed": (lambda c, w, t: _other_data(c, w, t, True), True),
+    "other_data": (lambda c, w, t: _other_data(c, w, t, False), False),
+    "other_batch": (lambda c, w, t: setattr(c, "batch_size", 24), False),
+    "other_frozen_rules": (lambda c, w, t: setattr(c.optim, "frozen", ("^head/",)), False),
+    "other_loss": (lambda c, w, t: setattr(c.model, "loss", "sigmoid"), False),
+    "other_head": (lambda c, w, t: setattr(c.model, "head_hidden", (16,)), False),
+    "other_patch": (lambda c, w, t: setattr(c.model.vit, "patch_size", 16), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WORKDIRS))
+def test_preflight_and_run_agree_on_each_workdir(data, trained, tmp_path, name):
+  change, may_resume = WORKDIRS[name]
+  w = tmp_path / "w"
+  shutil.copytree(trained, w)
+  c = base(data, steps=3)
+  change(c, w, tmp_path)
+  table = preflight.check(c, str(w))
+  failed = [r for r in table.rows if r[1] == "FAIL"]
+  try:
+    train.train_and_evaluate(c, str(w))
+    ran = True
+  except Exception as e:  # noqa: BLE001 - the verdict is compared, the message checked below
+    assert cli.describe(e) is not None, f"not a one-line error: {e!r}"
+    ran = False
+  assert (not failed) == ran == may_resume, (table.format(), ran)
+  if ran:
+    assert ckpt.latest_step(str(w)) == 3
+
+
 def _files(root):
   return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
 
