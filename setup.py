@@ -53,10 +53,12 @@ EXTRAS = {
 setup(
     name="lift_jax",
     version="0.1.0",
-    description="LIFT: language-image alignment with a fixed (precomputed) LLM text encoder, in JAX",
+    description="LIFT: language-image alignment with a fixed (precomputed) LLM text encoder, "
+                "in JAX",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["lift_jax", "lift_jax.*", "embed", "embed.*", "eval", "eval.*"]),
+    packages=find_packages(include=["lift_jax", "lift_jax.*", "embed", "embed.*", "eval",
+                                    "eval.*"]),
     python_requires=">=3.11",
     install_requires=JAX_STACK,
     extras_require=EXTRAS,

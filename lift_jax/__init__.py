@@ -1,8 +1,8 @@
 """lift_jax: LIFT (Language-Image alignment with a Fixed Text encoder) in JAX/Flax.
 
 ``lift_jax.load(path)`` returns a trained model (see :func:`lift_jax.checkpoint.load_model`).
-Importing the package imports nothing heavy: the PyTorch embedding job uses ``lift_jax.data.records``
-without pulling in JAX.
+Importing the package imports nothing heavy: the PyTorch embedding job uses
+``lift_jax.data.records`` without pulling in JAX.
 """
 
 __version__ = "0.1.0"

@@ -1,8 +1,9 @@
 """How every command reports a failure the user can fix: one line, no stack trace.
 
-Each module keeps its own error type (``RecordError``, ``TrainingError``, ``EmbedError``...), written
-so that its message names the file, record or key and what to do. A command's ``main`` is wrapped by
-:func:`run`, which prints those errors as ``<command>: error: <message>`` and exits with status 1.
+Each module keeps its own error type (``RecordError``, ``TrainingError``, ``EmbedError``...),
+written so that its message names the file, record or key and what to do. A command's ``main`` is
+wrapped by :func:`run`, which prints those errors as ``<command>: error: <message>`` and exits with
+status 1.
 Anything else is a bug and keeps its traceback. ``LIFT_VERBOSE=1`` (or ``--verbose`` for commands
 that define it) shows the traceback of user errors too.
 

@@ -1,4 +1,5 @@
-"""Log hygiene for the commands: our progress lines and the libraries' warnings, not their chatter."""
+"""Log hygiene for the commands: our progress lines and the libraries' warnings, not their
+chatter."""
 
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ def _mean(x: jax.Array, valid: jax.Array | None) -> jax.Array:
 
 
 def softmax_loss(zimg, ztxt, logit_scale, valid=None) -> jax.Array:
-  """Symmetric InfoNCE: mean of image->text and text->image cross-entropy, labels on the diagonal."""
+  """Symmetric InfoNCE: mean of image->text and text->image cross-entropy, labels on the
+  diagonal."""
   logits = jnp.exp(logit_scale.astype(jnp.float32)) * _similarities(zimg, ztxt)
   if valid is not None:
     keep = valid[None, :] & valid[:, None]

@@ -87,7 +87,8 @@ def prepared_config(config: ml_collections.ConfigDict, workdir: str
                                                                            f"embeddings-{tag}")
     if config.evals.get("benchmarks") and not config.evals.get("text_bank") and \
         synthetic.eval_complete(os.path.join(root, "eval")):
-      config.evals.text_bank = os.path.join(root, f"bank-{tag}-{_digest(required_texts(config.evals))}")
+      digest = _digest(required_texts(config.evals))
+      config.evals.text_bank = os.path.join(root, f"bank-{tag}-{digest}")
   return config
 
 

@@ -1,9 +1,10 @@
 """Device mesh and parameter shardings.
 
-The mesh has axes (``data``, ``fsdp``), both Auto. The batch is split over both axes. Parameters are
-placed by regex rules over their path ('visual/transformer/resblocks/3/mlp/c_fc/kernel'), first match
-wins: ``"replicated"``, ``"fsdp"`` (shard the largest dimension divisible by the fsdp axis size over
-``fsdp``; replicate if none divides), or an explicit tuple of axis names / None per dimension.
+The mesh has axes (``data``, ``fsdp``), both Auto. The batch is split over both axes. Parameters
+are placed by regex rules over their path ('visual/transformer/resblocks/3/mlp/c_fc/kernel'), the
+first that matches anywhere in the path (``re.search``) wins: ``"replicated"``, ``"fsdp"`` (shard
+the largest dimension divisible by the fsdp axis size over ``fsdp``; replicate if none divides),
+or an explicit tuple of axis names / None per dimension.
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ def check_lock(config, workdir: str) -> str:
   if holder is None:
     return "not in use"
   if stale:
-    return f"a stale lock of host {holder.get('host')} pid {holder.get('pid')} ({stale}): taken over"
+    return (f"a stale lock of host {holder.get('host')} pid {holder.get('pid')} ({stale}): "
+            "taken over")
   lock.refuse(holder)
   return ""
 

@@ -22,8 +22,9 @@ def lift_model_config() -> dict:
 
 def clip_model_config(eot_token_id: int = 102, vocab_size: int = 30522) -> dict:
   return dict(mode="clip", variant="Ti/16", vit=dict(VIT), image_size=32, embed_dim=DIM,
-              head_hidden=(), dtype="float32", text=dict(vocab_size=vocab_size, context_length=24, width=32,
-                                        depth=1, num_heads=2, eot_token_id=eot_token_id))
+              head_hidden=(), dtype="float32",
+              text=dict(vocab_size=vocab_size, context_length=24, width=32, depth=1, num_heads=2,
+                        eot_token_id=eot_token_id))
 
 
 @functools.cache

@@ -1,5 +1,6 @@
 """Encoders against independent references: sentence-transformers' own encode() for `mean`, plain
-transformers forwards of unpadded texts for `cls` and `last_token` (NV-Embed: test_embed_nvembed.py)."""
+transformers forwards of unpadded texts for `cls` and `last_token` (NV-Embed:
+test_embed_nvembed.py)."""
 
 import numpy as np
 import pytest

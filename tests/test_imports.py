@@ -111,7 +111,8 @@ def test_dependencies_point_one_way():
   for module, deps in graph().items():
     tops = {d.split(".")[0] for d in deps}
     if module.startswith("lift_jax.data") and tops & {"eval", "embed"}:
-      wrong.append(f"{module} imports {sorted(d for d in deps if d.split('.')[0] in ('eval', 'embed'))}")
+      upward = sorted(d for d in deps if d.split('.')[0] in ('eval', 'embed'))
+      wrong.append(f"{module} imports {upward}")
     if module.startswith("embed") and tops & set(JAX):
       wrong.append(f"{module} imports {sorted(tops & set(JAX))}")
     if module in ("eval.texts", "eval.benchmarks") and tops & set(JAX):

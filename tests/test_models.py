@@ -281,7 +281,8 @@ def test_initialisation_follows_pytorch_defaults():
   assert within_bound(m.visual.conv1[...], 1 / math.sqrt(3 * 16 * 16))
   assert within_bound(m.head.layers[1].kernel[...], 1 / math.sqrt(512))
   assert np.all(np.asarray(blk.ln_1.scale[...]) == 1) and not np.any(np.asarray(blk.ln_1.bias[...]))
-  assert np.std(np.asarray(m.visual.positional_embedding[...])) == pytest.approx(w ** -0.5, rel=0.05)
+  std = np.std(np.asarray(m.visual.positional_embedding[...]))
+  assert std == pytest.approx(w ** -0.5, rel=0.05)
   assert np.std(np.asarray(m.visual.class_embedding[...])) == pytest.approx(w ** -0.5, rel=0.15)
   assert float(m.logit_scale[...]) == pytest.approx(math.log(1 / 0.07))
 

@@ -232,7 +232,8 @@ class ProcessSlice(grain.MapDataset):
     return self._parent[self._position(index)]
 
   def _getitems(self, indices):
-    return self._parent._getitems([self._position(i) for i in indices])  # pylint: disable=protected-access
+    positions = [self._position(i) for i in indices]
+    return self._parent._getitems(positions)  # pylint: disable=protected-access
 
   def __str__(self) -> str:
     return f"ProcessSlice(process={self._index}, local={self._local}, global={self._global})"

@@ -217,7 +217,8 @@ def random_attrs(rng: np.random.Generator) -> tuple[str, str, str]:
 def sample_scene(rng: np.random.Generator, side: int, single_fraction: float) -> Scene:
   if rng.random() < single_fraction:
     return single_scene(rng, side, *random_attrs(rng))
-  return pair_scene(rng, side, (random_attrs(rng), random_attrs(rng)), RELATIONS[rng.integers(len(RELATIONS))])
+  return pair_scene(rng, side, (random_attrs(rng), random_attrs(rng)),
+                    RELATIONS[rng.integers(len(RELATIONS))])
 
 
 def sample_caption(rng: np.random.Generator, scene: Scene, omit_prob: float) -> Caption:

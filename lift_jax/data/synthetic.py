@@ -233,7 +233,8 @@ def write_eval(folder: str, settings: Settings) -> dict[str, Any]:
   labels = ["filename\tclass_index"] + [
       f"{name}\t{class_index(scenes[name].objects[0].color, scenes[name].objects[0].shape)}"
       for name in singles]
-  common.write_text_atomic(os.path.join(folder, "classification", "labels.tsv"), "\n".join(labels) + "\n")
+  common.write_text_atomic(os.path.join(folder, "classification", "labels.tsv"),
+                           "\n".join(labels) + "\n")
   common.write_text_atomic(os.path.join(folder, "classification", "classnames.txt"),
               "\n".join(class_names()) + "\n")
   common.write_text_atomic(os.path.join(folder, "classification", "templates.txt"),
@@ -247,7 +248,8 @@ def write_eval(folder: str, settings: Settings) -> dict[str, Any]:
   for name in pairs:
     for j, converse in enumerate((False, True)):
       rows.append(f"{name}\t{j}\t{caption_text(describe(scenes[name], converse))}")
-  common.write_text_atomic(os.path.join(folder, "retrieval", "captions.tsv"), "\n".join(rows) + "\n")
+  common.write_text_atomic(os.path.join(folder, "retrieval", "captions.tsv"),
+                           "\n".join(rows) + "\n")
   files.append("retrieval/captions.tsv")
   counts["retrieval"] = {"images": len(pairs), "captions": len(rows) - 1}
 

@@ -1,7 +1,7 @@
 """Transformer building blocks shared by the image and text towers (OpenCLIP layout, Flax NNX).
 
-Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators). Linear kernels are
-stored (in, out), the transpose of PyTorch's (out, in).
+Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators). Linear kernels
+are stored (in, out), the transpose of PyTorch's (out, in).
 """
 
 from __future__ import annotations

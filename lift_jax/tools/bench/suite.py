@@ -29,7 +29,7 @@ from lift_jax.tools.bench import fake_data
 from lift_jax.tools.bench.common import FLAGS
 from lift_jax.tools.bench.suite_report import e2e_breakdown, last_error, suite_markdown
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 SUITE_CONFIGS = {"lift": os.path.join(REPO_ROOT, "configs", "vitb16_datacomp.py"),
                  "clip": os.path.join(REPO_ROOT, "configs", "clip_vitb16_datacomp.py")}
 
