@@ -11,8 +11,9 @@ sending heartbeats, after ``heartbeat_timeout_seconds``, with an abort and a log
 own. On top of that, a watchdog thread (:class:`Watchdog`) publishes a counter per process in
 the coordination service's key-value store every ``timeout / 20`` seconds; when a peer's counter
 stops moving for ``timeout`` seconds (or the coordinator stops answering), it prints one line
-naming the process and ends this one with status 1. It runs a little sooner than JAX's own
-timeout, so the user sees the clean line; JAX's remains the backstop (a wedged interpreter).
+naming the process and ends this one with status 1. JAX's timeout is set to twice the
+watchdog's plus 20 s, so the user sees the clean line first; JAX's remains the backstop (a
+wedged interpreter).
 A process that finishes marks itself done, so peers that finish later are not alarmed.
 """
 
@@ -49,7 +50,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None,
                lost_host_timeout: float = DEFAULT_LOST_HOST_TIMEOUT) -> "Watchdog | None":
   """``jax.distributed.initialize`` (given arguments, or the cluster's), JAX's heartbeat timeout
-  set a little above ``lost_host_timeout``, then the watchdog. Returns the watchdog (None with
+  set well above ``lost_host_timeout``, then the watchdog. Returns the watchdog (None with
   one process)."""
   kwargs = {}
   if coordinator_address:
@@ -57,7 +58,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                   process_id=process_id)
   if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes talk through gloo
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  backstop = int(lost_host_timeout + max(5.0, lost_host_timeout / 2))
+  # JAX's own detection is the backstop: it aborts the process without naming the lost one, and
+  # a process's last heartbeat may lie up to half the timeout before it died, so its timeout is
+  # twice the watchdog's (and then some), to let the watchdog speak first.
+  backstop = int(2 * lost_host_timeout + 20)
   jax.distributed.initialize(heartbeat_timeout_seconds=backstop, **kwargs)
   logging.info("process %d of %d (coordinator %s); a lost process ends the job within %g s",
                jax.process_index(), jax.process_count(),

@@ -395,7 +395,8 @@ def test_command_line_errors_are_one_line(data, tmp_path):
                  "--config.data.prepare=None")
   line = one_line_error(proc, "python -m lift_jax.main")
   assert line.endswith("config.data.images is not set: point it at a folder of image shards "
-                       "(--config.data.images=DIR), made with python -m lift_jax.data.convert")
+                       "(--config.data.images=DIR), made with `python -m lift_jax.data.convert "
+                       "--output=DIR --images=IMAGES_DIR --captions=FILE`")
   proc = run_cli("lift_jax.main", "--config=configs/vitb16_datacomp.py", w,
                  f"--config.data.images={tmp_path}", f"--config.data.embeddings={data[1]}",
                  "--config.model.embed_dim=16")
