@@ -112,7 +112,7 @@ class Evaluator:
   def metrics(self):
     """:mod:`eval.metrics` (jnp). Imported on first scoring, so that reading the specs and
     listing their texts (the PyTorch embedding job does) never loads JAX."""
-    from eval import metrics  # pylint: disable=import-outside-toplevel
+    from eval import metrics  # here: listing texts (the embed job) must not load JAX
     return metrics
 
   def run(self, predictor) -> dict[str, float]:
