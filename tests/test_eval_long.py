@@ -182,3 +182,90 @@ def test_configs_evaluate_long_captions_when_present(tmp_path):
   assert "coco" in resolved.evals.benchmarks
   spec = benchmarks.parse("urban1k", resolved.evals.benchmarks["urban1k"])
   assert spec.image_dir == str(tmp_path / "urban1k" / "image") and len(spec.texts()) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Each released layout with every public variant beside the benchmark's rows, read into
+# hand-written (image, caption) pairs.
+
+
+def test_urban1k_reads_the_first_line_of_each_txt_only(tmp_path):
+  root = tmp_path / "Urban1k"
+  os.makedirs(root / "caption")
+  files = {"10.txt": "A tram in the rain.\nThe second line is not part of it.\n",
+           "2.txt": "  Two bikes by a wall, one red.  \r\nsecond line\r\n",
+           "3.txt": "A bridge at dusk",  # no newline at the end of the file
+           "notes.md": "not a caption\n", "2.txt.orig": "a backup, not a caption\n"}
+  for name, text in files.items():
+    with open(root / "caption" / name, "w", encoding="utf-8", newline="") as f:
+      f.write(text)
+  image = str(root / "image")
+  spec = benchmarks.parse("u", {"type": "long_retrieval", "format": "urban1k",
+                                "data_dir": str(root)})
+  assert spec.image_captions() == [  # in file-name order
+      (f"{image}/10.jpg", ["A tram in the rain."]),
+      (f"{image}/2.jpg", ["Two bikes by a wall, one red."]),
+      (f"{image}/3.jpg", ["A bridge at dusk"])]
+  (root / "caption" / "5.txt").write_text("\nthe caption is on the second line\n")
+  with pytest.raises(benchmarks.BenchmarkConfigError, match=r"5\.txt has no caption on its first"):
+    spec.image_captions()
+
+
+def test_docci_takes_exactly_the_named_split(tmp_path):
+  """DOCCI's public splits are train, test, qual_dev and qual_test: "test" is inside
+  "qual_test", so only an exact comparison keeps the two apart."""
+  root = tmp_path / "docci"
+  os.makedirs(root)
+  rows = [("train_00001", "train", "A kitchen."), ("qual_test_00001", "qual_test", "Q test 1."),
+          ("test_00001", "test", 'A "quoted" sign\u2014caf\u00e9.'),
+          ("qual_dev_00001", "qual_dev", "Q dev 1."), ("test_00002", "test", "Two cats."),
+          ("qual_test_00002", "qual_test", "Q test 2."), ("train_00002", "train", "A road.")]
+  lines = [json.dumps({"example_id": i, "split": s, "image_file": f"{i}.jpg", "description": d})
+           for i, s, d in rows]
+  lines.insert(3, "")  # a blank line between rows is skipped
+  (root / long_retrieval.DOCCI_FILE).write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+  images = str(root / "images")
+
+  def pairs(split):
+    return benchmarks.parse("d", {"type": "long_retrieval", "format": "docci",
+                                  "data_dir": str(root), "split": split}).image_captions()
+
+  assert pairs("test") == [(f"{images}/test_00001.jpg", ['A "quoted" sign\u2014caf\u00e9.']),
+                           (f"{images}/test_00002.jpg", ["Two cats."])]
+  assert pairs("qual_test") == [(f"{images}/qual_test_00001.jpg", ["Q test 1."]),
+                                (f"{images}/qual_test_00002.jpg", ["Q test 2."])]
+  assert pairs("train") == [(f"{images}/train_00001.jpg", ["A kitchen."]),
+                            (f"{images}/train_00002.jpg", ["A road."])]
+  with pytest.raises(benchmarks.BenchmarkConfigError, match="no rows with split 'dev'"):
+    pairs("dev")
+
+
+def test_sharegpt4v_takes_the_first_records_and_the_first_answer(tmp_path):
+  root = tmp_path / "sharegpt4v"
+  os.makedirs(root)
+
+  def record(i, image, answer, *more):
+    return {"id": i, "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat do you see happening in this image?"},
+        {"from": "gpt", "value": answer}, *more]}
+
+  data = [record("a", "coco/train2017/000000000009.jpg", "A plate.\nIt holds bread.\n\nEnd."),
+          record("b", "sam/images/sa_1.jpg", "A street.",
+                 {"from": "human", "value": "And the sky?"}, {"from": "gpt", "value": "Blue."}),
+          record("c", "llava/llava_pretrain/images/00000/1.jpg", "A dog\nrunning."),
+          record("d", "wikiart/images/e.jpg", "Decoy after the benchmark's records."),
+          record("e", "share_textvqa/images/f.jpg", "Another decoy.")]
+  (root / long_retrieval.SHAREGPT4V_FILE).write_text(json.dumps(data), encoding="utf-8")
+
+  def pairs(first):
+    return benchmarks.parse("s", {"type": "long_retrieval", "format": "sharegpt4v",
+                                  "data_dir": str(root), "first": first}).image_captions()
+
+  assert pairs(3) == [  # each newline becomes one space
+      (f"{root}/coco/train2017/000000000009.jpg", ["A plate. It holds bread.  End."]),
+      (f"{root}/sam/images/sa_1.jpg", ["A street."]),
+      (f"{root}/llava/llava_pretrain/images/00000/1.jpg", ["A dog running."])]
+  assert [c for _, (c,) in pairs(5)][3:] == ["Decoy after the benchmark's records.",
+                                            "Another decoy."]  # first == all records: allowed
+  with pytest.raises(benchmarks.BenchmarkConfigError, match="at least first=6 records, it has 5"):
+    pairs(6)
