@@ -75,8 +75,8 @@ def load(img: Image.Image, min_size: int | None = None) -> Image.Image:
     if min_size and img.format == "JPEG":
       w, h = img.size
       scale = min(w, h) / min_size
-      if scale >= 2:
-        img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
+      if scale >= 2:  # the scale only: to_rgb converts the mode
+        img.draft(None, (math.ceil(w / scale), math.ceil(h / scale)))
     img.load()
   except Exception as e:
     raise DecodeError(f"{type(e).__name__}: {e}") from None
@@ -131,12 +131,12 @@ def resize_center_crop(img: Image.Image, resize: int, crop: int) -> np.ndarray:
     new_w, new_h = resize, int(resize * h / w)
   else:
     new_w, new_h = int(resize * w / h), resize
+  if crop > resize:  # the box would reach past the image, and PIL would pad it with black
+    raise ValueError(f"crop {crop} is larger than the resized image {new_w}x{new_h}")
   if (new_w, new_h) != (w, h):
     img = img.resize((new_w, new_h), Image.BICUBIC)
   top = int(round((new_h - crop) / 2.0))
   left = int(round((new_w - crop) / 2.0))
-  if top < 0 or left < 0:
-    raise ValueError(f"crop {crop} is larger than the resized image {new_w}x{new_h}")
   return np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
 
 
