@@ -132,6 +132,19 @@ def test_a_bank_differing_in_one_setting_is_refused_unless_allowed(tmp_path, fie
   assert f"differs from the training embeddings (allowed): {expected}" in caplog.text
 
 
+def test_the_refusal_names_both_folders_and_the_fix(tmp_path):
+  bank, emb = manifests(tmp_path, {**SETTINGS, "pooling": "mean", "max_length": 32}, SETTINGS)
+  with pytest.raises(records.EncoderMismatchError) as err:
+    records.check_same_encoder(bank, emb)
+  assert str(err.value) == (
+      f"text bank {bank} was made with other encoder settings than the training embeddings "
+      f"{emb} (pooling: 'latent_attention' in the embeddings, 'mean' in the bank; max_length: 77 "
+      "in the embeddings, 32 in the bank): scores against it are not comparable. Re-embed the "
+      "bank's texts with the embeddings' encoder config (python -m embed.main --config=... "
+      "--config.texts=FILE --config.output=DIR), or set config.evals.allow_encoder_mismatch=True "
+      "to evaluate anyway")
+
+
 @pytest.mark.parametrize("side", ["bank", "embeddings"])
 @pytest.mark.parametrize("field", FIELDS)
 def test_a_setting_one_manifest_does_not_record_is_not_compared(tmp_path, field, side):

@@ -69,6 +69,9 @@ def test_palettes_with_transparency_are_composited_on_white():
   pal.info["transparency"] = 1  # palette index 1 is transparent
   assert np.asarray(transforms.to_rgb(pal)).tolist() == [[[10, 20, 30], [255, 255, 255],
                                                           [0, 0, 0]]]
+  grey = Image.fromarray(np.array([[0, 80, 160]], np.uint8), "L")
+  grey.info["transparency"] = 80  # a transparent grey level (PNG tRNS)
+  assert np.asarray(transforms.to_rgb(grey))[..., 0].tolist() == [[0, 255, 160]]
   pa = palette_image().convert("PA")
   pa.putalpha(Image.fromarray(np.array([[255, 0, 128]], np.uint8)))
   assert pa.mode == "PA"
@@ -77,19 +80,28 @@ def test_palettes_with_transparency_are_composited_on_white():
   np.testing.assert_allclose(got, want, atol=1)
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I"])
-def test_high_bit_depth_grey_is_scaled_to_eight_bits(mode):
-  values = np.array([[0, 300, 65535, 1000]])
-  if mode == "I":
-    img = Image.fromarray(values.astype(np.int32))
-  else:
-    dtype = ">u2" if mode == "I;16B" else "<u2"
-    img = Image.frombytes(mode, (4, 1), values.astype(dtype).tobytes())
+def sixteen_bit(values):
+  """What 16-bit grey becomes: scaled by 255/65535, rounded half up, kept in [0, 255]."""
+  return np.clip(np.floor(np.asarray(values, np.float64) / 65535 * 255 + 0.5), 0, 255)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L"])
+def test_sixteen_bit_grey_is_scaled_to_eight_bits(mode):
+  # 256 is the smallest value that marks an image as 16-bit; 32767 and 51529 sit next to a
+  # rounding boundary (127.498 and 200.502 before rounding).
+  values = np.array([[0, 256, 300, 32767, 51529, 65535]])
+  dtype = ">u2" if mode == "I;16B" else "<u2"
+  img = Image.frombytes(mode, (6, 1), values.astype(dtype).tobytes())
   assert img.mode == mode
   got = np.asarray(transforms.to_rgb(img))
-  # Values above 255: 16-bit, scaled by 255/65535 and rounded (PIL's own conversion would clip).
-  want = np.floor(values / 65535 * 255 + 0.5)
-  assert got.shape == (1, 4, 3) and (got == want[..., None]).all()
+  assert got.shape == (1, 6, 3) and (got == sixteen_bit(values)[..., None]).all()
+  assert sixteen_bit(values).tolist() == [[0, 1, 1, 127, 201, 255]]  # PIL would clip 256 to 255
+
+
+def test_32_bit_grey():
+  values = np.array([[-40000, 0, 300, 70000]])  # out of 16-bit range on both sides: clipped
+  got = np.asarray(transforms.to_rgb(Image.fromarray(values.astype(np.int32))))
+  assert (got == sixteen_bit(values)[..., None]).all() and got[0, :, 0].tolist() == [0, 0, 1, 255]
   low = Image.fromarray(np.array([[0, 7, 255]], np.int32))  # no value above 255: kept as is
   assert np.asarray(transforms.to_rgb(low))[..., 0].tolist() == [[0, 7, 255]]
 

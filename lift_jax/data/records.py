@@ -173,9 +173,17 @@ def _reader(path: str):
   if not os.path.exists(path):
     raise RecordError(f"{path}: no such shard")
   try:
-    return array_record_module.ArrayRecordReader(path)
+    reader = array_record_module.ArrayRecordReader(path)
   except Exception as e:
     raise RecordError(f"{path}: not a readable ArrayRecord file ({e})") from None
+  if not reader.ok():  # e.g. a file too short for the format: it opens, then fails on use
+    try:
+      reader.close()  # raises the reader's reason
+      reason = "the reader reports an error"
+    except Exception as e:
+      reason = str(e)
+    raise RecordError(f"{path}: not a readable ArrayRecord file ({reason})")
+  return reader
 
 
 def count_records(path: str) -> int:

@@ -33,10 +33,11 @@ class DecodeError(ValueError):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-  """Any PIL mode (L, LA, P, PA, CMYK, I;16, RGBA, ...) -> RGB; alpha is composited on white."""
+  """Any PIL mode (L, LA, P, PA, CMYK, I;16, RGBA, ...) -> RGB; alpha, or a transparent
+  colour (``info["transparency"]`` of P and L images), is composited on white."""
   if img.mode == "RGB":
     return img
-  if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+  if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L") and "transparency" in img.info):
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
