@@ -84,8 +84,9 @@ def test_bfloat16_decodes_without_jax():
           "r = records.unpack(records.embedding_record('k', np.array([1.5, -2.0]), 'bfloat16'))\n"
           "assert records.decode_embedding(r).tolist() == [1.5, -2.0], r\n"
           "assert 'jax' not in sys.modules\n")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        cwd=os.getcwd(), timeout=120)
+  here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(records.__file__))))
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHONPATH": here})  # the lift_jax imported here
   assert proc.returncode == 0, proc.stderr
 
 
@@ -121,6 +122,23 @@ def test_unreadable_shards_are_named(tmp_path):
     assert message(lambda: list(read(missing)) if read is records.iter_records else read(missing)
                    ) == (f"{missing}: not a readable ArrayRecord file (ArrayRecord file should "
                          "be at least 64KB big)")
+
+
+def test_damaged_shards_are_named(tmp_path):
+  raw = [records.image_record(f"k{i}", np.random.default_rng(i).bytes(2000)) for i in range(100)]
+  path = str(tmp_path / shard(str(tmp_path), "images", raw, options=records.UNCOMPRESSED)["file"])
+  with open(path, "r+b") as f:  # 256 bytes of noise in record 48 or so, as a bad copy would
+    f.seek(int(os.path.getsize(path) * 0.3))
+    f.write(np.random.default_rng(0).bytes(256))
+  assert records.count_records(path) == 100  # the index is intact
+  assert message(records.read_raw, path).startswith(
+      f"{path}: damaged shard (Corrupted Riegeli/records file")
+  assert message(lambda: list(records.iter_records(path, chunk=10))).startswith(
+      f"{path}: damaged shard near record 40 (Corrupted Riegeli/records file")
+  folder = tmp_path / "d" / "images-00000-of-00001.array_record"
+  os.makedirs(folder)
+  assert message(records.count_records, str(folder)).startswith(
+      f"{folder}: not a readable ArrayRecord file (read() failed: Is a directory")
 
 
 def test_sha256_of_a_file_longer_than_one_block(tmp_path):

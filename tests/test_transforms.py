@@ -96,6 +96,10 @@ def test_sixteen_bit_grey_is_scaled_to_eight_bits(mode):
   got = np.asarray(transforms.to_rgb(img))
   assert got.shape == (1, 6, 3) and (got == sixteen_bit(values)[..., None]).all()
   assert sixteen_bit(values).tolist() == [[0, 1, 1, 127, 201, 255]]  # PIL would clip 256 to 255
+  img.info["transparency"] = 300  # a transparent level is not applied to 16-bit grey
+  assert (np.asarray(transforms.to_rgb(img)) == got).all()
+  just_16_bit = Image.frombytes(mode, (2, 1), np.array([0, 256]).astype(dtype).tobytes())
+  assert np.asarray(transforms.to_rgb(just_16_bit))[..., 0].tolist() == [[0, 1]]
 
 
 def test_32_bit_grey():

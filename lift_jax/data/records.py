@@ -174,15 +174,10 @@ def _reader(path: str):
     raise RecordError(f"{path}: no such shard")
   try:
     reader = array_record_module.ArrayRecordReader(path)
+    if not reader.ok():  # e.g. a file too short for the format: it opens, then fails on use
+      reader.close()  # raises the reader's reason
   except Exception as e:
     raise RecordError(f"{path}: not a readable ArrayRecord file ({e})") from None
-  if not reader.ok():  # e.g. a file too short for the format: it opens, then fails on use
-    try:
-      reader.close()  # raises the reader's reason
-      reason = "the reader reports an error"
-    except Exception as e:
-      reason = str(e)
-    raise RecordError(f"{path}: not a readable ArrayRecord file ({reason})")
   return reader
 
 
@@ -447,6 +442,5 @@ def load_text_bank(folder: str) -> tuple[dict[str, int], np.ndarray, dict[str, A
       index.setdefault(record["key"], len(rows))
       if index[record["key"]] == len(rows):
         rows.append(decode_embedding(record))
-  dim = int(manifest.get("dim", rows[0].shape[0] if rows else 0))
-  matrix = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+  matrix = np.stack(rows) if rows else np.zeros((0, int(manifest.get("dim", 0))), np.float32)
   return index, matrix, manifest
