@@ -84,9 +84,11 @@ def test_bfloat16_decodes_without_jax():
           "r = records.unpack(records.embedding_record('k', np.array([1.5, -2.0]), 'bfloat16'))\n"
           "assert records.decode_embedding(r).tolist() == [1.5, -2.0], r\n"
           "assert 'jax' not in sys.modules\n")
+  record = records.unpack(records.embedding_record("k", np.array([1.5, -2.0]), "bfloat16"))
+  assert records.decode_embedding(record).tolist() == [1.5, -2.0]  # here, JAX may be imported
   here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(records.__file__))))
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                        env={**os.environ, "PYTHONPATH": here})  # the lift_jax imported here
+                        cwd=here, env={**os.environ, "PYTHONPATH": here})  # this lift_jax
   assert proc.returncode == 0, proc.stderr
 
 
