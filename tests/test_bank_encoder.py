@@ -2,13 +2,16 @@
 refuses a bank made with another pooling or max_length (which silently changes the scores),
 unless config.evals.allow_encoder_mismatch says otherwise."""
 
+import logging
 import os
+import re
 
+import ml_collections
 import pytest
 
 from conftest import shared_data
 from eval.benchmarks import required_texts
-from eval.runner import EvalRunner
+from eval.runner import EvalRunner, check_bank_encoder
 from eval_fixtures import config, lift_model_config, tiny_model, write_bank
 from lift_jax.data import records
 
@@ -78,6 +81,87 @@ def test_each_encoder_setting_is_compared(tmp_path, field, value):
   # compare.
   bare = write_bank(str(tmp_path / "bare"), ["a dog"])
   assert records.check_same_encoder(bare, emb) == []
+
+
+# Every field that decides what a vector means: the ones embed.main writes (SETTINGS) and any the
+# comparison lists. Generated, so a field added to records.ENCODER_SETTINGS gets its case, and a
+# field dropped from it while embed.main still writes it fails its case.
+FIELDS = sorted(set(SETTINGS) | set(records.ENCODER_SETTINGS))
+
+
+def other(value):
+  """A value of the same kind that differs from ``value``."""
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, int):
+    return value + 1
+  return f"{value}-other"
+
+
+def manifests(tmp_path, bank: dict, embeddings: dict):
+  """A bank folder and an embeddings folder holding only these manifests."""
+  folders = []
+  for name, fields in (("bank", bank), ("embeddings", embeddings)):
+    folder = str(tmp_path / name)
+    os.makedirs(folder)
+    records.write_manifest(folder, {"kind": name, "shards": [], **fields})
+    folders.append(folder)
+  return folders
+
+
+def eval_config(bank: str, embeddings: str, allow: bool = False):
+  return ml_collections.ConfigDict({"evals": {"text_bank": bank, "allow_encoder_mismatch": allow},
+                                    "data": {"embeddings": embeddings}})
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_a_bank_differing_in_one_setting_is_refused_unless_allowed(tmp_path, field, caplog):
+  base = {f: SETTINGS.get(f, f"the {f} of the embeddings") for f in FIELDS}
+  changed = other(base[field])
+  bank, emb = manifests(tmp_path, {**base, field: changed}, base)
+  expected = f"{field}: {base[field]!r} in the embeddings, {changed!r} in the bank"
+  with pytest.raises(records.EncoderMismatchError) as err:
+    records.check_same_encoder(bank, emb)
+  assert f"({expected}): scores against it are not comparable" in str(err.value)
+  assert records.check_same_encoder(bank, emb, allow=True) == [expected]
+  # The same verdict where evaluation asks for it (EvalRunner, eval.main).
+  with pytest.raises(records.EncoderMismatchError, match=re.escape(expected)):
+    check_bank_encoder(eval_config(bank, emb))
+  with caplog.at_level(logging.WARNING):
+    assert check_bank_encoder(eval_config(bank, emb, allow=True)) == [expected]
+  assert f"differs from the training embeddings (allowed): {expected}" in caplog.text
+
+
+def test_the_refusal_names_both_folders_and_the_fix(tmp_path):
+  bank, emb = manifests(tmp_path, {**SETTINGS, "pooling": "mean", "max_length": 32}, SETTINGS)
+  with pytest.raises(records.EncoderMismatchError) as err:
+    records.check_same_encoder(bank, emb)
+  assert str(err.value) == (
+      f"text bank {bank} was made with other encoder settings than the training embeddings "
+      f"{emb} (pooling: 'latent_attention' in the embeddings, 'mean' in the bank; max_length: 77 "
+      "in the embeddings, 32 in the bank): scores against it are not comparable. Re-embed the "
+      "bank's texts with the embeddings' encoder config (python -m embed.main --config=... "
+      "--config.texts=FILE --config.output=DIR), or set config.evals.allow_encoder_mismatch=True "
+      "to evaluate anyway")
+
+
+@pytest.mark.parametrize("side", ["bank", "embeddings"])
+@pytest.mark.parametrize("field", FIELDS)
+def test_a_setting_one_manifest_does_not_record_is_not_compared(tmp_path, field, side):
+  """Documented: a field that one manifest lacks (written by other code) cannot be compared and
+  is left out; the fields both record are still compared."""
+  base = {f: SETTINGS.get(f, f"the {f} of the embeddings") for f in FIELDS}
+  lacking = {f: v for f, v in base.items() if f != field}
+  bank, emb = manifests(tmp_path, lacking if side == "bank" else base,
+                        base if side == "bank" else lacking)
+  assert records.check_same_encoder(bank, emb) == []
+  assert check_bank_encoder(eval_config(bank, emb)) == []
+  # Another field that differs is still refused.
+  second = next(f for f in FIELDS if f != field)
+  bank_fields = {**(lacking if side == "bank" else base), second: other(base[second])}
+  bank, emb = manifests(tmp_path / "second", bank_fields, base if side == "bank" else lacking)
+  assert records.check_same_encoder(bank, emb, allow=True) == [
+      f"{second}: {base[second]!r} in the embeddings, {other(base[second])!r} in the bank"]
 
 
 def test_eval_main_compares_with_the_embeddings_the_checkpoint_was_trained_on(tmp_path):

@@ -6,6 +6,7 @@ context counted), and the configs' if-present rule."""
 import json
 import logging
 import os
+import types
 
 import numpy as np
 import pytest
@@ -182,3 +183,195 @@ def test_configs_evaluate_long_captions_when_present(tmp_path):
   assert "coco" in resolved.evals.benchmarks
   spec = benchmarks.parse("urban1k", resolved.evals.benchmarks["urban1k"])
   assert spec.image_dir == str(tmp_path / "urban1k" / "image") and len(spec.texts()) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Each released layout with every public variant beside the benchmark's rows, read into
+# hand-written (image, caption) pairs.
+
+
+def test_urban1k_reads_the_first_line_of_each_txt_only(tmp_path):
+  root = tmp_path / "Urban1k"
+  os.makedirs(root / "caption")
+  files = {"10.txt": "A tram in the rain.\nThe second line is not part of it.\n",
+           "2.txt": "  Two bikes by a wall, one red.  \r\nsecond line\r\n",
+           "3.txt": "A bridge at dusk",  # no newline at the end of the file
+           "notes.md": "not a caption\n", "2.txt.orig": "a backup, not a caption\n"}
+  for name, text in files.items():
+    with open(root / "caption" / name, "w", encoding="utf-8", newline="") as f:
+      f.write(text)
+  image = str(root / "image")
+  spec = benchmarks.parse("u", {"type": "long_retrieval", "format": "urban1k",
+                                "data_dir": str(root)})
+  assert spec.image_captions() == [  # in file-name order
+      (f"{image}/10.jpg", ["A tram in the rain."]),
+      (f"{image}/2.jpg", ["Two bikes by a wall, one red."]),
+      (f"{image}/3.jpg", ["A bridge at dusk"])]
+  (root / "caption" / "5.txt").write_text("\nthe caption is on the second line\n")
+  with pytest.raises(benchmarks.BenchmarkConfigError,
+                     match=r"^benchmark 'u': .*5\.txt has no caption on its first line$"):
+    spec.image_captions()
+  for name in os.listdir(root / "caption"):
+    os.remove(root / "caption" / name)
+  with pytest.raises(benchmarks.BenchmarkConfigError) as err:
+    spec.image_captions()
+  assert str(err.value) == f"benchmark 'u': {root / 'caption'} holds no <image>.txt captions"
+
+
+def test_docci_takes_exactly_the_named_split(tmp_path):
+  """DOCCI's public splits are train, test, qual_dev and qual_test: "test" is inside
+  "qual_test", so only an exact comparison keeps the two apart."""
+  root = tmp_path / "docci"
+  os.makedirs(root)
+  rows = [("train_00001", "train", "A kitchen."), ("qual_test_00001", "qual_test", "Q test 1."),
+          ("test_00001", "test", 'A "quoted" sign\u2014caf\u00e9.'),
+          ("qual_dev_00001", "qual_dev", "Q dev 1."), ("test_00002", "test", "Two cats."),
+          ("qual_test_00002", "qual_test", "Q test 2."), ("train_00002", "train", "A road.")]
+  lines = [json.dumps({"example_id": i, "split": s, "image_file": f"{i}.jpg", "description": d})
+           for i, s, d in rows]
+  lines.insert(3, "")  # a blank line between rows is skipped
+  (root / long_retrieval.DOCCI_FILE).write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+  images = str(root / "images")
+
+  def pairs(split):
+    return benchmarks.parse("d", {"type": "long_retrieval", "format": "docci",
+                                  "data_dir": str(root), "split": split}).image_captions()
+
+  assert pairs("test") == [(f"{images}/test_00001.jpg", ['A "quoted" sign\u2014caf\u00e9.']),
+                           (f"{images}/test_00002.jpg", ["Two cats."])]
+  assert pairs("qual_test") == [(f"{images}/qual_test_00001.jpg", ["Q test 1."]),
+                                (f"{images}/qual_test_00002.jpg", ["Q test 2."])]
+  assert pairs("train") == [(f"{images}/train_00001.jpg", ["A kitchen."]),
+                            (f"{images}/train_00002.jpg", ["A road."])]
+  with pytest.raises(benchmarks.BenchmarkConfigError, match="^benchmark 'd': .* no rows with "
+                     "split 'dev'$"):
+    pairs("dev")
+  with open(root / long_retrieval.DOCCI_FILE, "a", encoding="utf-8") as f:
+    f.write(json.dumps({"split": "test", "image_file": "x.jpg"}) + "\n")
+  with pytest.raises(benchmarks.BenchmarkConfigError) as err:
+    pairs("test")
+  assert str(err.value) == (
+      f"benchmark 'd': {root / long_retrieval.DOCCI_FILE} line 10 is not a DOCCI record with "
+      "'split', 'image_file' and 'description' (KeyError: 'description')")
+
+
+def test_sharegpt4v_takes_the_first_records_and_the_first_answer(tmp_path):
+  root = tmp_path / "sharegpt4v"
+  os.makedirs(root)
+
+  def record(i, image, answer, *more):
+    return {"id": i, "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat do you see happening in this image?"},
+        {"from": "gpt", "value": answer}, *more]}
+
+  data = [record("a", "coco/train2017/000000000009.jpg", "A plate.\nIt holds bread.\n\nEnd."),
+          record("b", "sam/images/sa_1.jpg", "A street.",
+                 {"from": "human", "value": "And the sky?"}, {"from": "gpt", "value": "Blue."}),
+          record("c", "llava/llava_pretrain/images/00000/1.jpg", "A dog\nrunning."),
+          record("d", "wikiart/images/e.jpg", "Decoy after the benchmark's records."),
+          record("e", "share_textvqa/images/f.jpg", "Another decoy.")]
+  (root / long_retrieval.SHAREGPT4V_FILE).write_text(json.dumps(data), encoding="utf-8")
+
+  def pairs(first):
+    return benchmarks.parse("s", {"type": "long_retrieval", "format": "sharegpt4v",
+                                  "data_dir": str(root), "first": first}).image_captions()
+
+  assert pairs(3) == [  # each newline becomes one space
+      (f"{root}/coco/train2017/000000000009.jpg", ["A plate. It holds bread.  End."]),
+      (f"{root}/sam/images/sa_1.jpg", ["A street."]),
+      (f"{root}/llava/llava_pretrain/images/00000/1.jpg", ["A dog running."])]
+  assert [c for _, (c,) in pairs(5)][3:] == ["Decoy after the benchmark's records.",
+                                            "Another decoy."]  # first == all records: allowed
+  path = root / long_retrieval.SHAREGPT4V_FILE
+  with pytest.raises(benchmarks.BenchmarkConfigError) as err:
+    pairs(6)
+  assert str(err.value) == (f"benchmark 's': {path} must be a JSON list of at least first=6 "
+                            "records, it has 5")
+  path.write_text(json.dumps(data[:1] + [{"image": "x.jpg", "conversations": [{"value": "q"}]}]))
+  with pytest.raises(benchmarks.BenchmarkConfigError) as err:
+    pairs(2)
+  assert str(err.value) == (f"benchmark 's': {path} record 1 lacks 'image' or the caption at "
+                            "conversations[1].value")
+  path.write_text(json.dumps({"records": data}))
+  with pytest.raises(benchmarks.BenchmarkConfigError) as err:
+    pairs(2)
+  assert str(err.value).endswith("must be a JSON list of at least first=2 records, it has dict")
+  path.write_text(json.dumps(data)[:-1])  # cut short
+  with pytest.raises(benchmarks.BenchmarkConfigError,
+                     match=f"^benchmark 's': {path} is not valid JSON \\(Expecting"):
+    pairs(2)
+
+
+def test_spec_fields_and_their_errors(tmp_path):
+  root = write_urban1k(tmp_path / "urban1k")
+  base = {"type": "long_retrieval", "format": "urban1k", "data_dir": str(root)}
+  for ks in ("1, 10", [1, 10], ("1", "10")):
+    assert benchmarks.parse("u", {**base, "ks": ks}).ks == (1, 10)
+  # limit: the first N images; 0 or None: all of them.
+  assert len(benchmarks.parse("u", {**base, "limit": 0}).image_captions()) == 3
+  assert len(benchmarks.parse("u", {**base, "limit": 1}).image_captions()) == 1
+  with pytest.raises(benchmarks.BenchmarkConfigError) as err:
+    benchmarks.parse("u", {**base, "data_dir": None})
+  assert str(err.value) == "benchmark 'u': field 'data_dir' is required"
+  with pytest.raises(benchmarks.BenchmarkConfigError) as err:
+    benchmarks.parse("d", {**base, "format": "docci"})
+  assert str(err.value) == (f"benchmark 'd': captions {root / long_retrieval.DOCCI_FILE} does "
+                            "not exist")
+
+
+class ModePredictor(FakePredictor):
+  """The fixtures' embeddings, with the attributes the evaluator reads of a real Predictor."""
+
+  def __init__(self, spec, mode, tokenizer=None, context_length=None, text_bank=None):
+    base = fake_predictor(spec)
+    super().__init__(base.images, base.texts)
+    self.mode, self.tokenizer, self.context_length = mode, tokenizer, context_length
+    self.text_bank = text_bank
+
+
+class WordCounter:
+  """A tokenizer whose length of a text is its number of words."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def lengths(self, texts):
+    self.calls += 1
+    return [len(t.split()) for t in texts]
+
+
+def test_long_captions_cut_by_the_context_are_counted_once_and_logged(tmp_path, caplog):
+  spec = spec_for(tmp_path, "urban1k")
+  ev = make_evaluator(spec)
+  words = sorted(len(c.split()) for c in CAPTIONS.values())  # 12, 13, 15
+  tokenizer = WordCounter()
+  predictor = ModePredictor(spec, "clip", tokenizer, context_length=words[1])
+  with caplog.at_level(logging.INFO, logger=long_retrieval.__name__):
+    for _ in range(2):
+      out = ev.run(predictor)
+      assert out["urban1k/num_texts_truncated"] == 1 and out["urban1k/num_context_tokens"] == 13
+  assert tokenizer.calls == 1  # the captions and the tokenizer never change
+  assert ("urban1k: 1 of 3 captions are longer than the text tower's context (13 tokens) and "
+          "were cut") in caplog.messages
+  # A tokenizer that cannot count tokens: nothing reported, the recall still is.
+  out = ev.run(ModePredictor(spec, "clip", object(), context_length=13))
+  assert "urban1k/num_texts_truncated" not in out and out["urban1k/num_images"] == 3
+
+
+@pytest.mark.parametrize("made_at, warned", [(511, True), (512, False), (None, False)])
+def test_a_bank_embedded_shorter_than_the_captions_need_is_reported(tmp_path, caplog, made_at,
+                                                                    warned):
+  spec = spec_for(tmp_path, "docci")
+  assert spec.max_length == 512
+  manifest = {} if made_at is None else {"max_length": made_at}
+  bank = types.SimpleNamespace(manifest=manifest, folder="/banks/docci")
+  with caplog.at_level(logging.WARNING, logger=long_retrieval.__name__):
+    out = make_evaluator(spec).run(ModePredictor(spec, "lift", text_bank=bank))
+  assert out.get("docci/num_bank_max_tokens") == made_at
+  warning = ("docci: the text bank /banks/docci embedded texts at max_length 511, shorter than "
+             "the 512 this benchmark's captions call for; re-embed them with "
+             "--config.max_length=512")
+  assert caplog.messages == ([warning] if warned else [])
+  # No text bank (a LIFT model scoring texts some other way): nothing about one.
+  out = make_evaluator(spec).run(ModePredictor(spec, "lift", text_bank=None))
+  assert "docci/num_bank_max_tokens" not in out and out["docci/num_images"] == 3

@@ -3,9 +3,11 @@ independent numpy implementation in eval/reference.py on random inputs."""
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
+from conftest import dot_precisions
 from eval import metrics, reference
 
 
@@ -60,12 +62,57 @@ def test_ranks_known_answers(positives, mask, expected):
   assert int(reference.ranks(Q, CANDIDATES, pos, candidate_mask=mask)[0]) == expected
 
 
+def test_ranks_of_no_queries_and_of_queries_without_positives():
+  empty = metrics.ranks(np.zeros((0, 2), np.float32), CANDIDATES, np.zeros((0, 1), np.int32))
+  assert empty.shape == (0,) and empty.dtype == np.int32
+  q = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+  for budget in (4, 8, 100):  # 1, 2 (the last chunk padded) and all queries per chunk
+    r = metrics.ranks(q, CANDIDATES, np.zeros((3, 0), np.int32), max_scores=budget)
+    assert r.dtype == np.int32 and np.asarray(r).tolist() == [4, 4, 4]  # never a hit
+
+
+def test_ranks_name_positives_they_cannot_use():
+  with pytest.raises(ValueError) as err:
+    metrics.ranks(Q, CANDIDATES, [[0], [1]])
+  assert str(err.value) == "positives has 2 rows for 1 queries"
+  with pytest.raises(ValueError) as err:
+    metrics.ranks(Q, CANDIDATES, [[4]])  # candidates are 0..3
+  assert str(err.value) == "a positive index 4 is outside the 4 candidates"
+  assert int(metrics.ranks(Q, CANDIDATES, [[3]])[0]) == 2  # the last one is fine
+
+
+def test_padded_positives():
+  out = metrics.padded_positives([[0, 2, 5], [1], []])
+  assert out.dtype == np.int32 and out.tolist() == [[0, 2, 5], [1, -1, -1], [-1, -1, -1]]
+  assert metrics.padded_positives([[3], [4]]).tolist() == [[3], [4]]
+  assert metrics.padded_positives([]).shape == (0, 1)
+  assert metrics.padded_positives([[]]).tolist() == [[-1]]
+
+
 def test_ranks_nan_counts_against_the_model():
   cand = np.array([[1, 0], [np.nan, 0], [0, 1]], np.float32)
   assert int(metrics.ranks(Q, cand, [[0]])[0]) == 1  # the NaN negative beats the positive
   assert int(metrics.ranks(Q, cand, [[1]])[0]) == 3  # a NaN positive is never a hit
   q_nan = np.array([[np.nan, 0]], np.float32)
   assert int(metrics.ranks(q_nan, cand, [[0]])[0]) == 3
+
+
+def test_a_nan_positive_spoils_only_its_own_query():
+  cand = np.array([[1, 0], [np.nan, 0], [0, 1]], np.float32)
+  q = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
+  # One chunk of three queries. Scores: q0 (1, NaN, 0), q1 (0, NaN, 1), q2 as q0. q0: the NaN
+  # negative beats its positive (1); q1: its positive is the NaN one (3, never a hit); q2: 1 and
+  # NaN beat its 0 (2).
+  assert np.asarray(metrics.ranks(q, cand, [[0], [1], [2]])).tolist() == [1, 3, 2]
+
+
+def test_scores_ask_for_full_float32_precision():
+  emb = np.eye(3, dtype=np.float32)
+  idx = np.arange(3, dtype=np.int32)
+  dots = dot_precisions(metrics.pair_correct, emb, emb, idx, idx, idx)
+  dots += dot_precisions(lambda q, c, p, m: metrics._ranks(q, c, p, m, m, chunk=3), emb, emb,
+                         idx[:, None], np.ones(3, bool))
+  assert len(dots) == 3 and all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in dots)
 
 
 def test_collapsed_model_scores_zero():

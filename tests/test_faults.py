@@ -421,6 +421,38 @@ def test_metrics_of_steps_after_the_last_checkpoint_are_not_repeated(tmp_path):
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["loss"] == 60.0
 
 
+# A run logging every step, checkpointing every 5 and evaluating every 10, killed after step 17:
+# the rows it left. LOGGED[10] is step 10's eval row, after its train row.
+LOGGED = ([{"step": s, "loss": float(s)} for s in range(1, 11)] + [{"step": 10, "eval/acc": 0.5}]
+          + [{"step": s, "loss": float(s)} for s in range(11, 18)])
+
+
+@pytest.mark.parametrize("resume, kept", [(0, []), (5, LOGGED[:5]), (10, LOGGED[:11]),
+                                          (15, LOGGED[:16])])
+def test_metrics_after_a_resume_from_each_checkpoint_step(tmp_path, resume, kept):
+  """Step 0 is a resume too (killed before its first checkpoint, the run starts over): every
+  row goes. At a checkpoint step the rows up to and including it stay, in their order."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in LOGGED))
+  w = metrics.MetricWriter(str(tmp_path), tensorboard=False, resume_step=resume)
+  w.write(resume + 1, {"loss": -1.0})
+  w.close()
+  rows = metrics.read_jsonl(str(path))
+  assert [{k: v for k, v in r.items() if k != "time"} for r in rows] == kept + [
+      {"step": resume + 1, "loss": -1.0}]
+
+
+def test_metrics_are_left_alone_without_a_resume_and_on_other_processes(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  text = "".join(json.dumps(r) + "\n" for r in LOGGED)
+  path.write_text(text)
+  metrics.MetricWriter(str(tmp_path), tensorboard=False).close()  # no resume step: appends
+  assert path.read_text() == text
+  for step in (0, 5):  # only the primary process rewrites the shared file
+    metrics.MetricWriter(str(tmp_path), primary=False, tensorboard=False, resume_step=step).close()
+    assert path.read_text() == text
+
+
 @pytest.mark.slow
 def test_start_up_at_40000_shards(tmp_path, monkeypatch):
   """Start-up at DataComp's shard count: manifests only, no shard opened on the main process."""

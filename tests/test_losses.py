@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import dot_precisions
 from lift_jax import losses
 from lift_jax.sharding import make_mesh
 
@@ -108,3 +109,94 @@ def test_one_device_equals_eight(kind):
   np.testing.assert_allclose(float(v8), float(v1), rtol=1e-6)
   for a, b in zip(g8, g1):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "cos"])
+@pytest.mark.parametrize("valid_rows", [[0, 2, 3, 5, 6], [4]], ids=["five", "one"])
+def test_masked_loss_equals_the_loss_of_the_valid_rows(kind, valid_rows):
+  """Through contrastive_loss (the train step's entry): invalid rows are neither positives nor
+  negatives, and the mean is over the valid rows, down to a single one."""
+  zi, zt = embeddings(n=8, seed=5)
+  valid = np.zeros(8, bool)
+  valid[valid_rows] = True
+  s, b = 1.7, -3.0
+  got = float(losses.contrastive_loss(kind, zi, zt, {"logit_scale": jnp.float32(s),
+                                                     "logit_bias": jnp.float32(b)},
+                                      jnp.asarray(valid)))
+  zi, zt = zi[valid].astype(np.float64), zt[valid].astype(np.float64)
+  want = {"softmax": lambda: np_softmax_loss(zi, zt, s),
+          "sigmoid": lambda: np_sigmoid_loss(zi, zt, s, b),
+          "cos": lambda: np.mean(1 - np.sum(zi * zt, axis=-1))}[kind]()
+  assert got == pytest.approx(want, rel=1e-5)
+  assert float(losses.contrastive_loss(kind, zi, zt, {"logit_scale": jnp.float32(s),
+                                                      "logit_bias": jnp.float32(b)},
+                                       jnp.zeros(len(zi), bool))) == 0.0  # nothing to learn from
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "cos"])
+def test_losses_compute_in_float32_from_bfloat16_inputs(kind):
+  """A bfloat16 model hands over bfloat16 embeddings and parameters: the loss upcasts them
+  first (a bfloat16 exp(logit_scale) alone is off by ~0.3%)."""
+  zi, zt = (jnp.asarray(z, jnp.bfloat16) for z in embeddings(n=8, seed=6))
+  s, b = jnp.bfloat16(math.log(1 / 0.07)), jnp.bfloat16(-10.0)
+  got = losses.contrastive_loss(kind, zi, zt, {"logit_scale": s, "logit_bias": b})
+  assert got.dtype == jnp.float32
+  zi, zt = np.asarray(zi, np.float64), np.asarray(zt, np.float64)  # the same (rounded) values
+  want = {"softmax": lambda: np_softmax_loss(zi, zt, float(s)),
+          "sigmoid": lambda: np_sigmoid_loss(zi, zt, float(s), float(b)),
+          "cos": lambda: np.mean(1 - np.sum(zi * zt, axis=-1))}[kind]()
+  assert float(got) == pytest.approx(want, rel=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_similarities_ask_for_full_float32_precision(kind):
+  """A default-precision float32 matmul rounds through TF32 or bfloat16 passes on GPUs and
+  TPUs: the losses ask for HIGHEST."""
+  zi, zt = embeddings(n=4, seed=7)
+  precisions = dot_precisions(lambda a, b: losses.contrastive_loss(
+      kind, a, b, {"logit_scale": jnp.float32(1.0), "logit_bias": jnp.float32(0.0)}), zi, zt)
+  assert precisions and all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in precisions)
+
+
+def test_l2_normalize_matches_numpy_and_leaves_zero_vectors_at_zero():
+  x = np.random.default_rng(8).normal(size=(5, 7))
+  x[3] = 0.0  # a zero vector stays zero instead of NaN
+  got = losses.l2_normalize(jnp.asarray(x, jnp.bfloat16))
+  assert got.dtype == jnp.float32
+  ref = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+  norms = np.linalg.norm(ref, axis=-1, keepdims=True)
+  want = np.divide(ref, norms, out=np.zeros_like(ref), where=norms > 0)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
+  prompts = np.random.default_rng(9).normal(size=(3, 2, 5))  # [class, template, dim]: last axis
+  np.testing.assert_allclose(np.asarray(losses.l2_normalize(prompts)),
+                             prompts / np.linalg.norm(prompts, axis=2, keepdims=True), rtol=1e-6)
+  tiny = np.full((1, 4), 1e-20)  # below eps: divided by eps, not by its own norm
+  np.testing.assert_allclose(np.asarray(losses.l2_normalize(tiny)), tiny / 1e-12, rtol=1e-6)
+
+
+def test_initial_parameters_and_their_overrides():
+  assert losses.initial_params({"loss": "softmax"}) == {"logit_scale": math.log(1 / 0.07)}
+  assert losses.initial_params({"loss": "sigmoid"}) == {"logit_scale": math.log(10.0),
+                                                        "logit_bias": -10.0}
+  assert losses.initial_params({"loss": "cos", "logit_scale_init": None}) == {}
+  assert losses.initial_params({"loss": "sigmoid", "logit_scale_init": 2, "logit_bias_init": -1,
+                                "head_init": 5.0}) == {"logit_scale": 2.0, "logit_bias": -1.0}
+  with pytest.raises(losses.cli.ConfigError) as err:
+    losses.initial_params({"loss": "softmax", "logit_bias_init": -5.0})
+  assert str(err.value) == ("model.logit_bias_init=-5.0, but loss 'softmax' has no logit_bias "
+                            "(its parameters: ['logit_scale'])")
+  with pytest.raises(losses.cli.ConfigError, match=r"its parameters: none"):
+    losses.initial_params({"loss": "cos", "logit_scale_init": 1.0})
+  with pytest.raises(losses.cli.ConfigError) as err:
+    losses.get("siglip")
+  assert str(err.value) == "model.loss='siglip': expected one of ['cos', 'sigmoid', 'softmax']"
+
+
+def test_constrain_clips_the_logit_scale_to_zero_and_ln_100():
+  for kind in ("softmax", "sigmoid"):
+    for value, want in ((-0.5, 0.0), (1.5, 1.5), (7.0, math.log(100.0))):
+      params = {"logit_scale": jnp.float32(value), "logit_bias": jnp.float32(-50.0), "w": 9.0}
+      out = losses.constrain(kind, params)
+      assert float(out["logit_scale"]) == pytest.approx(want, rel=1e-7)
+      assert float(out["logit_bias"]) == -50.0 and out["w"] == 9.0  # no bounds on these
+  assert losses.constrain("cos", {"w": 9.0}) == {"w": 9.0}

@@ -39,7 +39,7 @@ def _urban1k_pairs(name: str, caption_dir: str, image_dir: str) -> list[tuple[st
   for file in sorted(f for f in os.listdir(caption_dir) if f.endswith(".txt")):
     path = os.path.join(caption_dir, file)
     with open(path, encoding="utf-8") as f:
-      first = f.readline().rstrip("\n").rstrip("\r").strip()
+      first = f.readline().strip()  # the first line, without its end and edge spaces
     if not first:
       raise BenchmarkConfigError(f"benchmark {name!r}: {path} has no caption on its first line")
     pairs.append((os.path.join(image_dir, file[:-len(".txt")] + ".jpg"), [first]))

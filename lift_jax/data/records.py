@@ -177,9 +177,12 @@ def _reader(path: str):
   if not os.path.exists(path):
     raise RecordError(f"{path}: no such shard")
   try:
-    return array_record_module.ArrayRecordReader(path)
+    reader = array_record_module.ArrayRecordReader(path)
+    if not reader.ok():  # e.g. a file too short for the format: it opens, then fails on use
+      reader.close()  # raises the reader's reason
   except Exception as e:
     raise RecordError(f"{path}: not a readable ArrayRecord file ({e})") from None
+  return reader
 
 
 def count_records(path: str) -> int:
@@ -500,6 +503,5 @@ def load_text_bank(folder: str) -> tuple[dict[str, int], np.ndarray, dict[str, A
       index.setdefault(record["key"], len(rows))
       if index[record["key"]] == len(rows):
         rows.append(decode_embedding(record))
-  dim = int(manifest.get("dim", rows[0].shape[0] if rows else 0))
-  matrix = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+  matrix = np.stack(rows) if rows else np.zeros((0, int(manifest.get("dim", 0))), np.float32)
   return index, matrix, manifest

@@ -35,10 +35,11 @@ class DecodeError(ValueError):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-  """Any PIL mode (L, LA, P, PA, CMYK, I;16, RGBA, ...) -> RGB; alpha is composited on white."""
+  """Any PIL mode (L, LA, P, PA, CMYK, I;16, RGBA, ...) -> RGB; alpha, or a transparent
+  colour (``info["transparency"]`` of P and L images), is composited on white."""
   if img.mode == "RGB":
     return img
-  if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+  if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L") and "transparency" in img.info):
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
@@ -77,8 +78,8 @@ def load(img: Image.Image, min_size: int | None = None) -> Image.Image:
     if min_size and img.format == "JPEG":
       w, h = img.size
       scale = min(w, h) / min_size
-      if scale >= 2:
-        img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
+      if scale >= 2:  # the scale only: to_rgb converts the mode
+        img.draft(None, (math.ceil(w / scale), math.ceil(h / scale)))
     img.load()
   except Exception as e:
     raise DecodeError(f"{type(e).__name__}: {e}") from None
@@ -139,12 +140,12 @@ def resize_center_crop(img: Image.Image, resize: int, crop: int) -> np.ndarray:
     new_w, new_h = resize, int(resize * h / w)
   else:
     new_w, new_h = int(resize * w / h), resize
+  if crop > resize:  # the box would reach past the image, and PIL would pad it with black
+    raise ValueError(f"crop {crop} is larger than the resized image {new_w}x{new_h}")
   if (new_w, new_h) != (w, h):
     img = img.resize((new_w, new_h), Image.BICUBIC)
   top = int(round((new_h - crop) / 2.0))
   left = int(round((new_w - crop) / 2.0))
-  if top < 0 or left < 0:
-    raise ValueError(f"crop {crop} is larger than the resized image {new_w}x{new_h}")
   return np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
 
 
