@@ -168,3 +168,13 @@ class MetricWriter:
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def logged_evaluation(workdir: str, step: int) -> dict[str, Any]:
+  """The ``eval/`` scalars metrics.jsonl holds for ``step`` (the last such row), or {}."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  rows = [r for r in read_jsonl(path) if r.get("step") == step
+          and any(k.startswith("eval/") for k in r)]
+  return {k: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {}

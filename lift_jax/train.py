@@ -32,7 +32,7 @@ from lift_jax import checkpoint as ckpt
 from lift_jax import cli, losses, optim, pretrained, sharding, startup, throughput
 from lift_jax.data import pipeline, transforms
 from lift_jax.lock import WorkdirLock
-from lift_jax.metrics import MetricWriter
+from lift_jax.metrics import MetricWriter, logged_evaluation
 from lift_jax.models.two_tower import TwoTower
 from lift_jax.skip_report import SkipReport
 from lift_jax.throughput import Throughput
@@ -466,7 +466,12 @@ def _loop(config, workdir, mngr, setup, state, batches, runner, mesh, start_step
       if mngr.latest_step() != step:
         save(step, force=True)
       ckpt.wait_for_saves(mngr)
-      if runner is not None and (step > start_step or not last):
+      earlier = logged_evaluation(workdir, step) if step == start_step else {}
+      if earlier:  # a finished run started again: its evaluation is not logged twice
+        logging.info("step %d was evaluated when the run finished (metrics.jsonl); "
+                     "`python -m eval.main --workdir=%s` evaluates it again", step, workdir)
+        last.update(earlier)
+      elif runner is not None and (step > start_step or not last):
         last.update(evaluate(step))
   finally:
     preemption.restore()

@@ -41,6 +41,9 @@ declare -A TESTS=(
   [lift_jax/data/transforms.py]="tests/test_transforms.py tests/test_preprocess_reference.py"
   [eval/metrics.py]="tests/test_eval_metrics.py"
   [eval/benchmarks/long_retrieval.py]="tests/test_eval_long.py"
+  [lift_jax/optim.py]="tests/test_optim_reference.py tests/test_pretrained.py"
+  [lift_jax/models/weights.py]="tests/test_pretrained.py tests/test_models.py"
+  [lift_jax/pretrained.py]="tests/test_pretrained.py"
 )
 # module -> seconds it may take on the 2-core CPU machine (mutants x covering-test time).
 declare -A BUDGET=(
@@ -49,6 +52,9 @@ declare -A BUDGET=(
   [lift_jax/data/transforms.py]=1200
   [eval/metrics.py]=1200
   [eval/benchmarks/long_retrieval.py]=1200
+  [lift_jax/optim.py]=1500
+  [lift_jax/models/weights.py]=2400
+  [lift_jax/pretrained.py]=1800
 )
 
 budget="" tests="" jobs=2 report=0 only=() modules=()

@@ -87,6 +87,13 @@ def test_each_encoder_setting_is_compared(tmp_path, field, value):
 # comparison lists. Generated, so a field added to records.ENCODER_SETTINGS gets its case, and a
 # field dropped from it while embed.main still writes it fails its case.
 FIELDS = sorted(set(SETTINGS) | set(records.ENCODER_SETTINGS))
+# The fields a manifest may leave out, and then cannot be compared on.
+OMISSIBLE = [f for f in FIELDS if f not in records.ENCODER_DEFAULTS]
+
+
+def base_values():
+  return {f: SETTINGS.get(f, records.ENCODER_DEFAULTS.get(f, f"the {f} of the embeddings"))
+          for f in FIELDS}
 
 
 def other(value):
@@ -116,7 +123,7 @@ def eval_config(bank: str, embeddings: str, allow: bool = False):
 
 @pytest.mark.parametrize("field", FIELDS)
 def test_a_bank_differing_in_one_setting_is_refused_unless_allowed(tmp_path, field, caplog):
-  base = {f: SETTINGS.get(f, f"the {f} of the embeddings") for f in FIELDS}
+  base = base_values()
   changed = other(base[field])
   bank, emb = manifests(tmp_path, {**base, field: changed}, base)
   expected = f"{field}: {base[field]!r} in the embeddings, {changed!r} in the bank"
@@ -140,24 +147,24 @@ def test_the_refusal_names_both_folders_and_the_fix(tmp_path):
       f"text bank {bank} was made with other encoder settings than the training embeddings "
       f"{emb} (pooling: 'latent_attention' in the embeddings, 'mean' in the bank; max_length: 77 "
       "in the embeddings, 32 in the bank): scores against it are not comparable. Re-embed the "
-      "bank's texts with the embeddings' encoder config (python -m embed.main --config=... "
-      "--config.texts=FILE --config.output=DIR), or set config.evals.allow_encoder_mismatch=True "
-      "to evaluate anyway")
+      "bank's texts with the embeddings' encoder config (`python -m embed.main "
+      "--config=EMBED_CONFIG --config.texts=FILE --config.output=DIR`), or set "
+      "config.evals.allow_encoder_mismatch=True to evaluate anyway")
 
 
 @pytest.mark.parametrize("side", ["bank", "embeddings"])
-@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize("field", OMISSIBLE)
 def test_a_setting_one_manifest_does_not_record_is_not_compared(tmp_path, field, side):
   """Documented: a field that one manifest lacks (written by other code) cannot be compared and
   is left out; the fields both record are still compared."""
-  base = {f: SETTINGS.get(f, f"the {f} of the embeddings") for f in FIELDS}
+  base = base_values()
   lacking = {f: v for f, v in base.items() if f != field}
   bank, emb = manifests(tmp_path, lacking if side == "bank" else base,
                         base if side == "bank" else lacking)
   assert records.check_same_encoder(bank, emb) == []
   assert check_bank_encoder(eval_config(bank, emb)) == []
   # Another field that differs is still refused.
-  second = next(f for f in FIELDS if f != field)
+  second = next(f for f in OMISSIBLE if f != field)
   bank_fields = {**(lacking if side == "bank" else base), second: other(base[second])}
   bank, emb = manifests(tmp_path / "second", bank_fields, base if side == "bank" else lacking)
   assert records.check_same_encoder(bank, emb, allow=True) == [
@@ -181,3 +188,20 @@ def test_eval_main_compares_with_the_embeddings_the_checkpoint_was_trained_on(tm
   assert given.data.get("embeddings") is None
   with pytest.raises(records.EncoderMismatchError, match="max_length: 77 in the embeddings, 32"):
     eval_main.evaluate(workdir, given, output=str(tmp_path / "m.json"))
+
+
+# random_init named here as well: embed/job.py writes it only when set.
+@pytest.mark.parametrize("field", sorted(set(records.ENCODER_DEFAULTS) | {"random_init"}))
+@pytest.mark.parametrize("side", ["bank", "embeddings"])
+def test_a_setting_recorded_only_when_set_is_compared_when_absent(tmp_path, field, side):
+  """embed.main writes random_init only when it is set: a bank of random weights against
+  trained embeddings (the field absent there) is refused, and absent == the default."""
+  base = {f: v for f, v in base_values().items() if f != field}
+  default = records.ENCODER_DEFAULTS.get(field, False)
+  with_field = {**base, field: other(default)}
+  bank, emb = manifests(tmp_path, with_field if side == "bank" else base,
+                        base if side == "bank" else with_field)
+  with pytest.raises(records.EncoderMismatchError, match=f"{field}: "):
+    records.check_same_encoder(bank, emb)
+  bank, emb = manifests(tmp_path / "same", {**base, field: default}, base)
+  assert records.check_same_encoder(bank, emb) == []

@@ -292,3 +292,35 @@ def test_two_processes_equal_one(data, tmp_path):
   la = [r["loss"] for r in read_jsonl(str(tmp_path / "single" / "metrics.jsonl"))]
   lb = [r["loss"] for r in read_jsonl(str(tmp_path / "multi" / "metrics.jsonl"))]
   np.testing.assert_allclose(lb, la, rtol=2e-5)
+
+
+class CountingEvaluators:
+  """Stands in for eval.runner.EvalRunner: a made-up score that depends on the parameters."""
+
+  def __init__(self):
+    self.calls, self.timings = 0, {"probe": 0.0}
+
+  def run(self, params, keep_going=False):
+    self.calls += 1
+    norm = sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(params))
+    return {"probe/score": norm % 1.0}
+
+
+def test_a_finished_run_started_again_is_not_evaluated_twice(data, tmp_path):
+  made = []
+
+  def evaluators(config, model, mesh):
+    made.append(CountingEvaluators())
+    return made[-1]
+
+  w = str(tmp_path / "w")
+  first = train.train_and_evaluate(fakedata.tiny_config(*data, steps=4), w, evaluators)
+  again = train.train_and_evaluate(fakedata.tiny_config(*data, steps=4), w, evaluators)
+  assert made[0].calls == 1 and made[1].calls == 0
+  assert again["eval/probe/score"] == first["eval/probe/score"]
+  rows = [r for r in read_jsonl(os.path.join(w, "metrics.jsonl")) if "eval/probe/score" in r]
+  assert [r["step"] for r in rows] == [4]  # one evaluation row for the final step
+  # A longer run resumed from there trains on and evaluates its own final step.
+  train.train_and_evaluate(fakedata.tiny_config(*data, steps=6), w, evaluators)
+  rows = [r for r in read_jsonl(os.path.join(w, "metrics.jsonl")) if "eval/probe/score" in r]
+  assert [r["step"] for r in rows] == [4, 6] and made[2].calls == 1

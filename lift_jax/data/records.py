@@ -455,7 +455,11 @@ def check_aligned(image_folder: str, embedding_folder: str, check_keys: bool = F
 # The manifest fields of an embedding folder or a text bank that decide what a vector means: a
 # bank scored against a model trained on embeddings must agree with them on every one.
 ENCODER_SETTINGS = ("model", "revision", "encoder", "pooling", "instruction", "max_length",
-                    "append_eos", "normalized")
+                    "append_eos", "normalized", "random_init")
+# Settings a manifest records only when they differ from this default (embed.main writes
+# random_init only when set): an absent one means the default, so they are always compared.
+ENCODER_DEFAULTS = {"random_init": False}
+_ABSENT = object()
 
 
 @cli.user_error
@@ -466,9 +470,15 @@ class EncoderMismatchError(RecordError):
 def encoder_differences(bank: dict[str, Any], embeddings: dict[str, Any]) -> list[str]:
   """``"field: X in the embeddings, Y in the bank"`` for each of :data:`ENCODER_SETTINGS` on
   which two manifests disagree (empty when they agree). A field that one manifest does not
-  record (a folder written by other code) cannot be compared and is left out."""
-  return [f"{k}: {embeddings[k]!r} in the embeddings, {bank[k]!r} in the bank"
-          for k in ENCODER_SETTINGS if k in bank and k in embeddings and bank[k] != embeddings[k]]
+  record (a folder written by other code) cannot be compared and is left out, except those of
+  :data:`ENCODER_DEFAULTS`, whose absence means their default."""
+  out = []
+  for k in ENCODER_SETTINGS:
+    default = ENCODER_DEFAULTS.get(k, _ABSENT)
+    b, e = bank.get(k, default), embeddings.get(k, default)
+    if b is not _ABSENT and e is not _ABSENT and b != e:
+      out.append(f"{k}: {e!r} in the embeddings, {b!r} in the bank")
+  return out
 
 
 def check_same_encoder(bank_folder: str, embeddings_folder: str, allow: bool = False
