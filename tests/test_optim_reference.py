@@ -83,8 +83,8 @@ def gradients(params, steps, seed=1):
 
 
 def numpy_adamw(params, grads, *, warmup, total, clip, lr=1e-3, b1=0.9, b2=0.98, eps=1e-6,
-                wd=0.2):
-  """AdamW as PyTorch's (decoupled decay), on ndim >= 2 only, in float64."""
+                wd=0.2, min_ndim=2):
+  """AdamW as PyTorch's (decoupled decay), on ndim >= min_ndim only, in float64."""
   names = [path_name(p) for p, _ in jax.tree.leaves_with_path(params)]
   p = {n: np.asarray(x, np.float64) for n, x in zip(names, jax.tree.leaves(params))}
   m = {n: np.zeros_like(x) for n, x in p.items()}
@@ -100,7 +100,7 @@ def numpy_adamw(params, grads, *, warmup, total, clip, lr=1e-3, b1=0.9, b2=0.98,
       m[n] = b1 * m[n] + (1 - b1) * g[n]
       v[n] = b2 * v[n] + (1 - b2) * g[n] ** 2
       mhat, vhat = m[n] / (1 - b1 ** (t + 1)), v[n] / (1 - b2 ** (t + 1))
-      if p[n].ndim >= 2:
+      if p[n].ndim >= min_ndim:
         p[n] = p[n] * (1 - rate * wd)
       p[n] = p[n] - rate * mhat / (np.sqrt(vhat) + eps)
   return p
@@ -150,3 +150,80 @@ def test_decay_mask_is_ndim_two_and_up():
     assert mask[name] == (x.ndim >= 2), name
   assert mask["text/token_embedding"] and mask["text/positional_embedding"]
   assert not mask["text/ln_final/scale"] and not mask["logit_scale"]
+
+
+@pytest.mark.parametrize("warmup,total", [(0, 10), (1, 10), (3, 4)])
+def test_learning_rate_without_warm_up_with_one_step_of_it_and_past_the_end(warmup, total):
+  """Every step of short schedules against the formula; after the last step the rate stays 0."""
+  schedule = optim.lr_schedule(1e-3, warmup, total)
+  for step in range(total):
+    expected = spec_lr(step, 1e-3, warmup, total)
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12), step
+  for step in (total, total + 1, 2 * total + 3):
+    assert float(schedule(step)) == pytest.approx(0.0, abs=1e-12), step
+
+
+def test_frozen_rules_of_an_optimizer_config():
+  assert optim.frozen_rules({"frozen": "^visual/"}) == ["^visual/"]
+  assert optim.frozen_rules({"frozen": ("^visual/", "^head/")}) == ["^visual/", "^head/"]
+  assert optim.frozen_rules({"lr": 1.0}) == [] and optim.frozen_rules(None) == []
+
+
+@pytest.mark.parametrize("rules", ["^visual/", (("^visual/", 0.5, 3),), (("^visual/",),)])
+def test_malformed_lr_multipliers_are_refused(rules):
+  with pytest.raises(optim.cli.ConfigError, match=r"optim.lr_multipliers entries are \(regex, "
+                     r"factor\) pairs, got "):
+    optim.lr_factors(tiny_params("lift"), rules)
+
+
+def run(tx, params, grads):
+  @jax.jit
+  def update(g, state, p):
+    updates, state = tx.update(g, state, p)
+    return jax.tree.map(jnp.add, p, updates), state
+
+  p, state = jax.tree.map(jnp.asarray, params), tx.init(params)
+  for g in grads:
+    p, state = update(g, state, p)
+  return {path_name(k): np.asarray(x) for k, x in jax.tree.leaves_with_path(jax.device_get(p))}
+
+
+def test_adamw_settings_other_than_the_defaults_reach_the_optimizer():
+  """b1, the decay's minimum ndim and an lr factor of exactly 2 against numpy: settings whose
+  values equal optax's defaults elsewhere cannot show they are passed on."""
+  params, total = tiny_params("lift"), 5
+  grads = gradients(params, total)
+  cfg = dict(config_lib.base("lift").optim.to_dict(), warmup_steps=2, b1=0.8, wd_min_ndim=1,
+             grad_clip_norm=None, lr_multipliers=(("^head/", 2.0),))
+  got = run(optim.make_optimizer(cfg, total)[0], params, grads)
+  head = {k: v for k, v in params.items() if k == "head"}
+  rest = {k: v for k, v in params.items() if k != "head"}
+  for part, lr in ((head, 2e-3), (rest, 1e-3)):
+    expected = numpy_adamw(part, [{k: g[k] for k in part} for g in grads], warmup=2,
+                           total=total, clip=None, lr=lr, b1=0.8, min_ndim=1)
+    for name, x in expected.items():
+      np.testing.assert_allclose(got[name], x, rtol=2e-5, atol=2e-6, err_msg=name)
+  # Biases decay with wd_min_ndim=1 (they would not with 2).
+  bias = "visual/transformer/resblocks/0/attn/in_proj/bias"
+  assert np.abs(got[bias] - numpy_adamw(rest, [{k: g[k] for k in rest} for g in grads], warmup=2,
+                                        total=total, clip=None, b1=0.8)[bias]).max() > 1e-6
+
+
+def test_frozen_tower_with_clipping_clips_the_trained_parameters_alone():
+  """With frozen parameters, the global norm is that of the trained parameters' gradients, and
+  it is clipped (numpy reference over the trained sub-tree)."""
+  params, total = tiny_params("lift"), 4
+  grads = gradients(params, total)
+  cfg = dict(config_lib.base("lift").optim.to_dict(), warmup_steps=2, frozen=("^visual/",),
+             grad_clip_norm=0.05)
+  got = run(optim.make_optimizer(cfg, total)[0], params, grads)
+  trained = {k: v for k, v in params.items() if k != "visual"}
+  expected = numpy_adamw(trained, [{k: g[k] for k in trained} for g in grads], warmup=2,
+                         total=total, clip=0.05)
+  for name, x in expected.items():
+    np.testing.assert_allclose(got[name], x, rtol=2e-5, atol=2e-6, err_msg=name)
+  unclipped = numpy_adamw(trained, [{k: g[k] for k in trained} for g in grads], warmup=2,
+                          total=total, clip=None)
+  assert max(float(np.abs(unclipped[n] - got[n]).max()) for n in unclipped) > 1e-4
+  initial = {path_name(k): x for k, x in jax.tree.leaves_with_path(params)}
+  assert all(np.array_equal(got[n], initial[n]) for n in got if n.startswith("visual/"))

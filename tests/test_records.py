@@ -283,8 +283,9 @@ def test_aligned_embeddings_and_stale_ones(tmp_path):
                                                       (images, image_entries[1])))
   assert message(records.check_aligned, images, embeddings) == (
       f"{emb} was computed from another version of {img} (the image shard's SHA-256 changed "
-      "since; e.g. it was re-converted with new captions): its vectors are stale. Re-run python "
-      f"-m embed.main for {images}")
+      "since; e.g. it was re-converted with new captions): its vectors are stale. Re-embed them: "
+      f"`python -m embed.main --config=EMBED_CONFIG --config.images={images} "
+      f"--config.output={embeddings}` (it redoes only stale shards)")
   # An image manifest that records no digest cannot be compared.
   records.write_manifest(images, {"shards": [{k: v for k, v in e.items() if k != "sha256"}
                                              for e in image_entries]})
