@@ -1,5 +1,6 @@
 """pytest set-up: 8 fake CPU devices (before JAX initialises) and shared fixtures."""
 
+import contextlib
 import importlib
 import os
 import subprocess
@@ -87,16 +88,25 @@ def minilm_path() -> str:
   return str(mod.get_model_path())
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-  """A 1 MiB tmpfs at tmp_path/disk: writes there run out of space for real (ENOSPC)."""
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+@contextlib.contextmanager
+def small_disk(path, size: str):
+  """A tmpfs of ``size`` (e.g. "1m") mounted at ``path`` while the block runs: writes there run
+  out of space for real (ENOSPC). Skips the test where mounting is not allowed."""
+  path.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                     capture_output=True).returncode:
     pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
-  yield disk
-  subprocess.run(["umount", str(disk)], check=True)
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+  """A 1 MiB disk at tmp_path/disk."""
+  with small_disk(tmp_path / "disk", "1m") as disk:
+    yield disk
 
 
 def pytest_configure(config):

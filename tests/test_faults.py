@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import fakedata
+from conftest import small_disk
 from lift_jax import checkpoint as ckpt
 from lift_jax import metrics, preflight, skip_report, train
 from lift_jax.data import pipeline, records
@@ -349,17 +350,11 @@ def test_failed_save_stops_in_seconds_and_keeps_the_last_checkpoint(data, tmp_pa
 def test_full_disk_during_a_background_save_is_one_error_in_seconds(tmp_path):
   import jax
 
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)],
-                    capture_output=True).returncode:
-    pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
-
   def state(n):
     return {"params": {"w": jax.random.normal(jax.random.PRNGKey(0), (n,))},
             "step": jax.numpy.zeros((), "int32")}
 
-  try:
+  with small_disk(tmp_path / "disk", "300k") as disk:
     mngr = ckpt.manager(str(disk / "checkpoints"), async_save=True)
     ckpt.save_state(mngr, 1, state(1000), ckpt.Position(), {"model": {}})
     ckpt.wait_for_saves(mngr)
@@ -371,8 +366,6 @@ def test_full_disk_during_a_background_save_is_one_error_in_seconds(tmp_path):
     assert time.time() - t0 < 30
     mngr.close()
     assert ckpt.resolve(str(disk)) == (str(disk / "checkpoints"), 1)
-  finally:
-    subprocess.run(["umount", str(disk)], check=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -114,16 +114,7 @@ def test_adamw_equals_numpy_reference(mode):
   tx, _ = optim.make_optimizer(config.optim, total)
   params = tiny_params(mode)
   grads = gradients(params, total)
-
-  @jax.jit
-  def update(g, state, p):
-    updates, state = tx.update(g, state, p)
-    return jax.tree.map(jnp.add, p, updates), state
-
-  p, state = jax.tree.map(jnp.asarray, params), tx.init(params)
-  for g in grads:
-    p, state = update(g, state, p)
-  got = {path_name(k): np.asarray(x) for k, x in jax.tree.leaves_with_path(jax.device_get(p))}
+  got = run(tx, params, grads)
 
   clip = 1.0 if mode == "lift" else None
   expected = numpy_adamw(params, grads, warmup=2, total=total, clip=clip)
