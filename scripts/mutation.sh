@@ -42,7 +42,8 @@ declare -A TESTS=(
   [eval/metrics.py]="tests/test_eval_metrics.py"
   [eval/benchmarks/long_retrieval.py]="tests/test_eval_long.py"
   [lift_jax/optim.py]="tests/test_optim_reference.py tests/test_pretrained.py"
-  [lift_jax/models/weights.py]="tests/test_pretrained.py tests/test_models.py"
+  [lift_jax/models/weights.py]="tests/test_weights_import.py tests/test_pretrained.py \
+                                tests/test_models.py"
   [lift_jax/pretrained.py]="tests/test_pretrained.py"
 )
 # module -> seconds it may take on the 2-core CPU machine (mutants x covering-test time).
