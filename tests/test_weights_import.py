@@ -75,8 +75,8 @@ def test_a_layer_without_one_of_q_k_v_is_named():
   del state["text_model.encoder.layers.0.self_attn.k_proj.bias"]
   with pytest.raises(weights.StateDictError) as e:
     weights.hf_clip_to_openclip(state)
-  assert str(e.value) == ("transformer.resblocks.0.attn: the checkpoint has no self_attn.k_proj.bias"
-                          " for this layer (q, k and v are all needed)")
+  assert str(e.value) == ("transformer.resblocks.0.attn: the checkpoint has no "
+                          "self_attn.k_proj.bias for this layer (q, k and v are all needed)")
 
 
 def test_training_wrappers_are_taken_off():
