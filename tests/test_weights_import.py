@@ -279,3 +279,68 @@ def test_which_towers_are_checked():
   assert problems_of(**bad, mode="lift") == everything[:2]  # LIFT has no text tower to fill
   # The image tower's head count left to a shape check; the text tower's still checked.
   assert problems_of(**bad, vision_heads=False) == everything[1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# mapping OpenCLIP names onto the model
+
+
+def tiny_lift():
+  """A tiny LIFT model's parameters (random) and their shapes."""
+  from flax import nnx
+
+  from lift_jax.models.two_tower import TwoTower
+
+  cfg = dict(mode="lift", variant="B/8", image_size=16, pool="tok", embed_dim=8,
+             vit=dict(width=16, depth=1, num_heads=2, mlp_dim=32), head_hidden=(12,),
+             dtype="float32")
+  params = nnx.to_pure_dict(nnx.split(TwoTower(cfg, rngs=nnx.Rngs(3)))[1])
+  return jax_numpy(params), weights.abstract_params(cfg)
+
+
+def jax_numpy(tree):
+  import jax
+
+  return jax.tree.map(np.asarray, tree)
+
+
+def test_every_tensor_lands_in_its_place_as_float32_whatever_the_order():
+  params, abstract = tiny_lift()
+  state = weights.to_openclip(params)
+  half = {k: v.astype(np.float16) for k, v in reversed(list(state.items()))}
+  got = weights.convert(half, abstract)
+  import jax
+
+  flat_got = dict(jax.tree.leaves_with_path(got))
+  for path, want in jax.tree.leaves_with_path(params):
+    assert flat_got[path].dtype == np.float32, path
+    np.testing.assert_array_equal(flat_got[path], want.astype(np.float16).astype(np.float32))
+
+
+def test_tensors_the_model_has_no_place_for_are_all_listed(tmp_path):
+  params, abstract = tiny_lift()
+  state = weights.to_openclip(params)
+  # First in the file: a CLIP text tensor (a known name; LIFT has no text tower) and an unknown.
+  extra = {"token_embedding.weight": np.zeros((5, 4), np.float32),
+           "something.else": np.zeros(3, np.float32)}
+  with pytest.raises(weights.StateDictError) as e:
+    weights.convert({**extra, **state}, abstract)
+  assert str(e.value) == ("the checkpoint does not fit the config's model.\n2 unexpected (tensors "
+                          "the model has no place for):\n  token_embedding.weight\n  something.else")
+  wrong = dict(state, **{"visual.ln_pre.weight": np.zeros(5, np.float32)})
+  with pytest.raises(weights.StateDictError) as e:
+    weights.convert(wrong, abstract)
+  assert str(e.value).endswith("1 mis-shaped:\n  visual.ln_pre.weight: checkpoint (5,) -> (5,), "
+                               "model visual/ln_pre/scale expects (16,)")
+
+
+def test_a_selection_imports_only_its_parameters_and_names_the_rest():
+  params, abstract = tiny_lift()
+  state = weights.to_openclip(params)
+  head_first = dict(sorted(state.items(), key=lambda kv: not kv[0].startswith("mlp_projector")))
+  skipped = []
+  got = weights.convert(head_first, abstract, select="^visual/", skipped=skipped)
+  assert set(got) == {"visual"}
+  assert skipped == [k for k in head_first if not k.startswith("visual.")] and skipped
+  assert weights.convert(head_first, abstract, select="^visual/")["visual"].keys() == \
+      got["visual"].keys()  # no list to fill: the same import
