@@ -325,8 +325,9 @@ def test_tensors_the_model_has_no_place_for_are_all_listed(tmp_path):
            "something.else": np.zeros(3, np.float32)}
   with pytest.raises(weights.StateDictError) as e:
     weights.convert({**extra, **state}, abstract)
-  assert str(e.value) == ("the checkpoint does not fit the config's model.\n2 unexpected (tensors "
-                          "the model has no place for):\n  token_embedding.weight\n  something.else")
+  assert str(e.value) == ("the checkpoint does not fit the config's model.\n2 unexpected "
+                          "(tensors the model has no place for):\n  token_embedding.weight\n"
+                          "  something.else")
   wrong = dict(state, **{"visual.ln_pre.weight": np.zeros(5, np.float32)})
   with pytest.raises(weights.StateDictError) as e:
     weights.convert(wrong, abstract)
