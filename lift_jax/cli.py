@@ -89,6 +89,13 @@ class ConfigError(ValueError):
   key (``model.loss``, ``mesh.fsdp``...) and what it accepts."""
 
 
+def require_flags(flag_values, required: dict[str, str]) -> None:
+  """A UsageError naming the first flag of ``required`` ({name: what it is}) left unset."""
+  for name, what in required.items():
+    if flag_values[name].value is None:
+      raise UsageError(f"--{name} is required: {what}")
+
+
 def parse_flags(flag_values, argv, usage: str) -> None:
   """Parses ``argv`` (without the program name) into an absl ``FlagValues`` of one command.
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import logging
 import math
 import os
@@ -196,14 +195,6 @@ def text_encoder(run: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def save_tensors(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -389,7 +380,7 @@ def export(path: str, fmt: str, output: str, step: int | None = None,
       "placeholder_tensors": placeholders,
       "usage": _usage(fmt, mode, pool),
       "notes": notes,
-      "files": {name: _sha256(os.path.join(output, name)) for name in sorted(written)},
+      "files": {name: records.sha256_file(os.path.join(output, name)) for name in sorted(written)},
   }
   common.write_json_atomic(os.path.join(output, MANIFEST), manifest, sort_keys=False)
   return manifest

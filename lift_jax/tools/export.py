@@ -31,11 +31,9 @@ flags.DEFINE_bool("overwrite", False, "Replace a previous export in --output.")
 def run(argv) -> int:
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag=value")
-  for name, what in (("workdir", "the training run to export"),
-                     ("format", f"one of {', '.join(export.FORMATS)}"),
-                     ("output", "a new folder for the exported files")):
-    if FLAGS[name].value is None:
-      raise cli.UsageError(f"--{name} is required: {what}")
+  cli.require_flags(FLAGS, {"workdir": "the training run to export",
+                           "format": f"one of {', '.join(export.FORMATS)}",
+                           "output": "a new folder for the exported files"})
   manifest = export.export(FLAGS.workdir, FLAGS.format, FLAGS.output, step=FLAGS.step,
                            overwrite=FLAGS.overwrite)
   print(f"wrote {FLAGS.output} ({FLAGS.format}, {manifest['model']['mode']} step "

@@ -42,12 +42,10 @@ config_flags.DEFINE_config_file("config", None, "A lift_jax config describing th
 def run(argv) -> int:
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag=value")
-  for name, what in (("checkpoint", "the PyTorch or Hugging Face checkpoint to import"),
-                     ("config", "a config whose model the checkpoint fits, e.g. "
-                                "configs/vitb16_datacomp.py"),
-                     ("output", "a new folder for the lift_jax checkpoint")):
-    if FLAGS[name].value is None:
-      raise cli.UsageError(f"--{name} is required: {what}")
+  cli.require_flags(FLAGS, {"checkpoint": "the PyTorch or Hugging Face checkpoint to import",
+                           "config": "a config whose model the checkpoint fits, e.g. "
+                                     "configs/vitb16_datacomp.py",
+                           "output": "a new folder for the lift_jax checkpoint"})
   folder = pretrained.import_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.output,
                                         overwrite=FLAGS.overwrite)
   print(f"wrote {folder}")
